@@ -1,0 +1,21 @@
+"""Trains one config: python -m experiments.train --config=configs/X.py --workdir=DIR."""
+
+from absl import flags
+from ml_collections import config_flags
+
+import jaxdml
+from jaxdml import cli
+from jaxdml.training.trainer import describe
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (also where checkpoints live).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    print(describe(jaxdml.train(_CONFIG.value, _WORKDIR.value)))
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,38 @@
+"""jaxdml: fault-tolerant data-parallel machine learning in JAX."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from jaxdml.config import ConfigError, default_config, validate
+
+if TYPE_CHECKING:
+    import ml_collections
+
+__version__ = "0.1.0"
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains as `config` says, writing records to `workdir`; returns result.json's content.
+
+    Args:
+      config: a ConfigDict built on `default_config()` (see configs/).
+      workdir: output folder; a folder holding checkpoints resumes from them.
+
+    Returns:
+      The result: final accuracies, loss, steps, device count, wall time, params_sha256.
+    """
+    from jaxdml.training.trainer import Trainer
+
+    return Trainer(config, workdir).fit()
+
+
+def __getattr__(name: str):
+    if name == "Trainer":
+        from jaxdml.training.trainer import Trainer
+
+        return Trainer
+    raise AttributeError(name)
+
+
+__all__ = ["ConfigError", "Trainer", "default_config", "train", "validate"]

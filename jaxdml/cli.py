@@ -1,0 +1,42 @@
+"""Shared plumbing for the absl entry points in experiments/: clean exits for bad input."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+from absl import app, flags
+
+from jaxdml.config import ConfigError
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2  # a bad config value, flag or data file; nothing was trained
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing that turns a bad flag or config override into exit status 2."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        _fail(str(e))
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        # ml_collections raises these for unknown fields or mistyped overrides.
+        _fail(f"bad config override: {e}")
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+    """`app.run(main)` where a ConfigError (bad config or data) is a one-line error, exit 2."""
+
+    def guarded(argv: list[str]) -> None:
+        try:
+            main(argv)
+        except ConfigError as e:
+            _fail(str(e))
+
+    app.run(guarded, flags_parser=parse_flags)

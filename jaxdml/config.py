@@ -1,0 +1,225 @@
+"""The config schema: one ConfigDict with every field, and `validate`.
+
+Every experiment config starts from `default_config()` and overrides fields.
+`validate(config)` runs before any device work; a bad value is a single
+`ConfigError` whose message names the field (dotted path) and what is wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+
+MODELS = ("logreg", "svm", "gbdt", "mlp")
+DATA_SOURCES = ("synthetic", "sklearn", "file")
+SKLEARN_DATASETS = ("make_classification", "digits", "breast_cancer", "iris", "wine")
+TRAIN_MODES = ("full_batch", "minibatch")
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "pegasos")
+RESUME_MODES = ("auto", "false", "auto_or_scratch")
+SVM_LOSSES = ("hinge", "squared_hinge")
+
+
+class ConfigError(ValueError):
+    """A config value (or the data it names) is invalid. Exit status 2."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Returns the full schema with default values; experiment configs override fields."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # Seeds parameter init, data order and per-step randomness.
+    c.num_cpu_devices = 0  # >0: simulate this many CPU devices (set before JAX starts).
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "synthetic"  # synthetic | sklearn | file
+    c.data.name = "make_classification"  # sklearn: make_classification|digits|breast_cancer|...
+    c.data.path = ""  # file: a .npz (arrays X, y) or .csv path
+    c.data.label_column = "label"  # file (.csv): name of the label column
+    c.data.n_samples = 10_000  # synthetic / make_classification: rows
+    c.data.n_features = 20  # synthetic / make_classification: columns
+    c.data.n_informative = 2  # synthetic / make_classification: informative columns
+    c.data.n_classes = 2  # synthetic / make_classification: classes
+    c.data.random_state = 42  # generator seed of synthetic data
+    c.data.test_size = 0.2  # held-out fraction
+    c.data.split_seed = 42  # seed of the train/test split
+    c.data.standardize = False  # z-score features with the training split's mean/std
+    c.data.classes = ()  # declared labels; () = infer 0..K-1 from the data
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "logreg"  # logreg | svm | gbdt | mlp
+    c.model.l2 = 0.0  # L2 regularization strength (lambda * 0.5 * ||w||^2)
+    c.model.multiclass = "auto"  # auto | binary | multinomial (svm: one-vs-rest)
+    c.model.svm_loss = "hinge"  # svm: hinge | squared_hinge
+    c.model.hidden_sizes = (64,)  # mlp: hidden layer widths
+    c.model.num_trees = 50  # gbdt: boosting rounds (one step each)
+    c.model.max_depth = 6  # gbdt: depth of each tree
+    c.model.num_bins = 64  # gbdt: histogram bins per feature
+    c.model.tree_learning_rate = 0.3  # gbdt: shrinkage
+    c.model.min_child_weight = 1.0  # gbdt: minimum hessian sum per child
+    c.model.gamma = 0.0  # gbdt: minimum split gain
+    c.model.tree_l2 = 1.0  # gbdt: L2 on leaf values
+
+    c.train = ml_collections.ConfigDict()
+    c.train.mode = "full_batch"  # full_batch | minibatch
+    c.train.batch_size = 256  # minibatch: global batch size (split over devices)
+    c.train.num_steps = 200  # optimizer steps (gbdt: ignored, num_trees rounds)
+    c.train.optimizer = "sgd"  # sgd | momentum | adam | adamw | pegasos
+    c.train.learning_rate = 0.1  # optimizer learning rate
+    c.train.momentum = 0.9  # momentum optimizer
+    c.train.eval_every = 0  # evaluate on the test split every k steps (0: only at the end)
+    c.train.log_every = 50  # log progress (steps/s, loss) every k steps
+    c.train.dispatch_depth = 2  # steps in flight at most (unbounded depth deadlocks on CPU)
+    c.train.donate = False  # donate the state buffers (False keeps the input alive for recovery)
+    c.train.tensorboard = False  # also write TensorBoard events (needs the tensorboard extra)
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 0  # save every k steps (0: off)
+    c.checkpoint.every_secs = 0.0  # save every t seconds (0: off)
+    c.checkpoint.max_to_keep = 3  # newest checkpoints kept
+    c.checkpoint.keep_period = 0  # also keep every N-th step forever (0: off)
+    c.checkpoint.async_save = True  # save in the background
+    c.checkpoint.resume = "auto"  # auto | false | auto_or_scratch
+
+    c.faults = ""  # injected fault plan, e.g. "device_loss@120:3,nan@50" (tests, demos, chaos)
+
+    c.supervisor = ml_collections.ConfigDict()
+    c.supervisor.enabled = True  # recover from failures (False: a failure ends the run)
+    c.supervisor.min_devices = 1  # stop with a report below this many healthy devices
+    c.supervisor.max_recoveries = 10  # recovery budget for the whole run
+    c.supervisor.nan_max_skips = 3  # skipped (non-finite) updates within the window before rollback
+    c.supervisor.nan_window = 10  # steps in that window
+    c.supervisor.spike_zscore = 0.0  # loss spike threshold in rolling z-score (0: off)
+    c.supervisor.fingerprint_every = 0  # compare replica fingerprints every k steps (0: off)
+    c.supervisor.watchdog_secs = 0.0  # declare a hang after t seconds without progress (0: off)
+    return c
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
+    return lambda v: None if v in choices else f"must be one of {list(choices)}, got {v!r}"
+
+
+def _int_at_least(lo: int) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            return f"must be an integer >= {lo}, got {v!r}"
+        return None
+
+    return check
+
+
+def _float_at_least(lo: float, strict: bool = False) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            return f"must be a number, got {v!r}"
+        if v < lo or (strict and v == lo):
+            return f"must be {'>' if strict else '>='} {lo}, got {v!r}"
+        return None
+
+    return check
+
+
+def _fraction(v: Any) -> str | None:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0.0 < v < 1.0:
+        return f"must be a number in (0, 1), got {v!r}"
+    return None
+
+
+def _bool(v: Any) -> str | None:
+    return None if isinstance(v, bool) else f"must be true or false, got {v!r}"
+
+
+_RULES: dict[str, Callable[[Any], str | None]] = {
+    "seed": _int_at_least(0),
+    "num_cpu_devices": _int_at_least(0),
+    "data.source": _one_of(DATA_SOURCES),
+    "data.n_samples": _int_at_least(2),
+    "data.n_features": _int_at_least(1),
+    "data.n_informative": _int_at_least(1),
+    "data.n_classes": _int_at_least(2),
+    "data.random_state": _int_at_least(0),
+    "data.test_size": _fraction,
+    "data.split_seed": _int_at_least(0),
+    "data.standardize": _bool,
+    "model.name": _one_of(MODELS),
+    "model.l2": _float_at_least(0.0),
+    "model.multiclass": _one_of(("auto", "binary", "multinomial")),
+    "model.svm_loss": _one_of(SVM_LOSSES),
+    "model.num_trees": _int_at_least(1),
+    "model.max_depth": _int_at_least(1),
+    "model.num_bins": _int_at_least(2),
+    "model.tree_learning_rate": _float_at_least(0.0, strict=True),
+    "model.min_child_weight": _float_at_least(0.0),
+    "model.gamma": _float_at_least(0.0),
+    "model.tree_l2": _float_at_least(0.0),
+    "train.mode": _one_of(TRAIN_MODES),
+    "train.batch_size": _int_at_least(1),
+    "train.num_steps": _int_at_least(1),
+    "train.optimizer": _one_of(OPTIMIZERS),
+    "train.learning_rate": _float_at_least(0.0, strict=True),
+    "train.momentum": _float_at_least(0.0),
+    "train.eval_every": _int_at_least(0),
+    "train.log_every": _int_at_least(1),
+    "train.dispatch_depth": _int_at_least(1),
+    "train.donate": _bool,
+    "train.tensorboard": _bool,
+    "checkpoint.every_steps": _int_at_least(0),
+    "checkpoint.every_secs": _float_at_least(0.0),
+    "checkpoint.max_to_keep": _int_at_least(1),
+    "checkpoint.keep_period": _int_at_least(0),
+    "checkpoint.async_save": _bool,
+    "checkpoint.resume": _one_of(RESUME_MODES),
+    "supervisor.enabled": _bool,
+    "supervisor.min_devices": _int_at_least(1),
+    "supervisor.max_recoveries": _int_at_least(0),
+    "supervisor.nan_max_skips": _int_at_least(1),
+    "supervisor.nan_window": _int_at_least(1),
+    "supervisor.spike_zscore": _float_at_least(0.0),
+    "supervisor.fingerprint_every": _int_at_least(0),
+    "supervisor.watchdog_secs": _float_at_least(0.0),
+}
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if part not in node:
+            raise ConfigError(f"config.{dotted}: missing field")
+        node = node[part]
+    return node
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks every field of `config`; raises ConfigError naming the first bad field.
+
+    Args:
+      config: a ConfigDict built on `default_config()`.
+
+    Returns:
+      The same config, for chaining.
+    """
+    for field, rule in _RULES.items():
+        problem = rule(_get(config, field))
+        if problem:
+            raise ConfigError(f"config.{field} {problem}")
+    d = config.data
+    if d.source == "sklearn" and d.name not in SKLEARN_DATASETS:
+        raise ConfigError(f"config.data.name must be one of {list(SKLEARN_DATASETS)} for source")
+    if d.source == "file" and not d.path:
+        raise ConfigError("config.data.path is required when config.data.source='file'")
+    if d.source == "synthetic" and d.n_informative > d.n_features:
+        raise ConfigError(
+            f"config.data.n_informative ({d.n_informative}) must not exceed "
+            f"config.data.n_features ({d.n_features})"
+        )
+    hidden = tuple(config.model.hidden_sizes)
+    if not all(isinstance(h, int) and h > 0 for h in hidden):
+        raise ConfigError(f"config.model.hidden_sizes must be positive integers, got {hidden}")
+    if config.train.optimizer == "pegasos" and config.model.l2 <= 0:
+        raise ConfigError("config.model.l2 must be > 0 with config.train.optimizer='pegasos'")
+    if config.num_cpu_devices and config.supervisor.min_devices > config.num_cpu_devices:
+        raise ConfigError(
+            f"config.supervisor.min_devices ({config.supervisor.min_devices}) exceeds "
+            f"config.num_cpu_devices ({config.num_cpu_devices})"
+        )
+    return config

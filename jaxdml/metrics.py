@@ -1,0 +1,110 @@
+"""Run records: metrics.jsonl, events.jsonl, optional TensorBoard, result.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, np.generic | np.ndarray):
+        return v.item() if np.ndim(v) == 0 else np.asarray(v).tolist()
+    return v
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                logging.warning("%s: dropping a torn line", path)
+    return rows
+
+
+class JsonlWriter:
+    """Appends one JSON object per line and flushes it, so a killed run loses nothing written."""
+
+    def __init__(self, path: str):
+        self.path = path
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self._f = open(path, "a")  # noqa: SIM115 (kept open for the run)
+
+    def write(self, row: dict) -> None:
+        self._f.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+    def rows(self) -> list[dict]:
+        return _read_jsonl(self.path)
+
+
+class MetricsWriter(JsonlWriter):
+    """metrics.jsonl (one row per step) plus TensorBoard scalars when asked for."""
+
+    def __init__(self, workdir: str, tensorboard: bool = False):
+        super().__init__(os.path.join(workdir, "metrics.jsonl"))
+        self._tb = None
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                logging.warning("tensorboardX not installed: pip install 'jaxdml[tensorboard]'")
+            else:
+                self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+    def truncate_after(self, step: int) -> None:
+        """Drops rows past `step`: a resumed run redoes those steps and logs them again."""
+        kept = [r for r in self.rows() if r.get("step", 0) <= step]
+        self._f.close()
+        with open(self.path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        self._f = open(self.path, "a")  # noqa: SIM115
+
+    def write(self, row: dict) -> None:
+        super().write(row)
+        if self._tb is not None:
+            step = int(row["step"])
+            for k, v in row.items():
+                if k != "step" and isinstance(v, int | float | np.number):
+                    self._tb.add_scalar(k, float(v), step)
+
+    def close(self) -> None:
+        super().close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+class EventLog(JsonlWriter):
+    """events.jsonl: one line per fault, recovery or lifecycle event."""
+
+    def __init__(self, workdir: str, clock=time.time):
+        super().__init__(os.path.join(workdir, "events.jsonl"))
+        self._clock = clock
+
+    def record(self, kind: str, step: int, **fields: Any) -> dict:
+        row = {"time": self._clock(), "kind": kind, "step": int(step), **fields}
+        self.write(row)
+        return row
+
+
+def write_result(workdir: str, result: dict) -> None:
+    """Writes result.json atomically (temp file + rename)."""
+    path = os.path.join(workdir, "result.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({k: _jsonable(v) for k, v in result.items()}, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)

@@ -1,0 +1,99 @@
+"""The plain training loop with a bounded dispatch depth and periodic hooks."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from absl import logging
+from jax.sharding import Mesh
+
+from jaxdml.data import GlobalBatcher
+from jaxdml.training.state import TrainState, to_host
+from jaxdml.training.step import StepFn
+
+
+@dataclasses.dataclass
+class Periodic:
+    """Runs `fn(step, state)` every `every_steps` steps and/or `every_secs` seconds."""
+
+    fn: Callable[[int, TrainState], None]
+    every_steps: int = 0
+    every_secs: float = 0.0
+    clock: Callable[[], float] = time.monotonic
+    _last_time: float | None = None
+
+    def __call__(self, step: int, state: TrainState) -> None:
+        now = self.clock()
+        if self._last_time is None:
+            self._last_time = now
+        due_steps = self.every_steps > 0 and step % self.every_steps == 0
+        due_secs = self.every_secs > 0 and now - self._last_time >= self.every_secs
+        if due_steps or due_secs:
+            self._last_time = now
+            self.fn(step, state)
+
+
+class Loop:
+    """Runs steps from `state.step` to `num_steps`.
+
+    At most `dispatch_depth` steps are in flight: before dispatching step t the
+    loop waits for step t - depth (unbounded async dispatch of collectives
+    deadlocks XLA's CPU rendezvous). Metrics of each finished step go to
+    `on_metrics(step, metrics)`; hooks run after every dispatch. `last_good`
+    is the newest (step, state) whose step finished without error: recovery
+    starts from it.
+    """
+
+    def __init__(
+        self,
+        step_fn: StepFn,
+        batcher: GlobalBatcher,
+        mesh: Mesh,
+        num_steps: int,
+        on_metrics: Callable[[int, dict], None],
+        hooks: list[Callable[[int, TrainState], None]] = (),
+        dispatch_depth: int = 2,
+        log_every: int = 50,
+        before_step: Callable[[int, TrainState, dict], tuple[TrainState, dict]] | None = None,
+    ):
+        self.step_fn, self.batcher, self.mesh = step_fn, batcher, mesh
+        self.num_steps, self.on_metrics, self.hooks = num_steps, on_metrics, list(hooks)
+        self.dispatch_depth, self.log_every = dispatch_depth, log_every
+        self.before_step = before_step
+        self.last_good: tuple[int, TrainState] | None = None
+
+    def run(self, state: TrainState) -> TrainState:
+        """Trains until `num_steps`; returns the final state (all steps finished)."""
+        step = int(to_host(state.step))
+        pos = to_host(state.data_pos)
+        self.last_good = (step, state)
+        inflight: collections.deque = collections.deque()
+        t0, s0 = time.perf_counter(), step
+        while step < self.num_steps:
+            while len(inflight) >= self.dispatch_depth:
+                self._finish(inflight.popleft())
+            batch, pos = self.batcher.next(pos, self.mesh)
+            if self.before_step is not None:
+                state, batch = self.before_step(step, state, batch)
+            state, metrics = self.step_fn(state, batch)
+            step += 1
+            inflight.append((step, state, metrics))
+            for hook in self.hooks:
+                hook(step, state)
+            if step % self.log_every == 0:
+                rate = (step - s0) / max(time.perf_counter() - t0, 1e-9)
+                logging.info("step %d/%d  %.1f steps/s", step, self.num_steps, rate)
+        while inflight:
+            self._finish(inflight.popleft())
+        return state
+
+    def _finish(self, item: tuple[int, TrainState, Any]) -> None:
+        step, state, metrics = item
+        metrics = jax.device_get(metrics)
+        self.last_good = (step, state)
+        self.on_metrics(step, metrics)

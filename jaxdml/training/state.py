@@ -1,0 +1,84 @@
+"""TrainState: one pytree holding everything a resume needs."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from jaxdml import mesh as mesh_lib
+from jaxdml.data import initial_position
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything needed to resume: params, optimizer state, step, RNG key,
+    the batcher position and model-specific state (e.g. trees grown so far)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+    data_pos: dict[str, jax.Array]
+    model_state: Any
+
+
+def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """The optax optimizer named by `config.train.optimizer`."""
+    t = config.train
+    if t.optimizer == "sgd":
+        return optax.sgd(t.learning_rate)
+    if t.optimizer == "momentum":
+        return optax.sgd(t.learning_rate, momentum=t.momentum)
+    if t.optimizer == "adam":
+        return optax.adam(t.learning_rate)
+    if t.optimizer == "adamw":
+        return optax.adamw(t.learning_rate)
+    # Pegasos: eta_t = 1 / (lambda * t), t counted from 1.
+    lam = config.model.l2
+    return optax.sgd(lambda count: 1.0 / (lam * (count + 1.0)))
+
+
+def init_state(model: Any, optimizer: optax.GradientTransformation, seed: int, mesh: Mesh):
+    """A fresh TrainState, born replicated on `mesh`."""
+
+    def init() -> TrainState:
+        rng = jax.random.PRNGKey(seed)
+        params = model.init(jax.random.fold_in(rng, 0))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=optimizer.init(params),
+            rng=rng,
+            data_pos={k: jnp.asarray(v) for k, v in initial_position().items()},
+            model_state=model.init_state() if hasattr(model, "init_state") else {},
+        )
+
+    return jax.jit(init, out_shardings=mesh_lib.replicated(mesh))()
+
+
+def to_host(tree: Any, device_index: int = 0) -> Any:
+    """A host numpy copy of a replicated pytree, read from one device's replica."""
+
+    def one(x):
+        if isinstance(x, jax.Array):
+            shards = x.addressable_shards
+            return np.asarray(shards[min(device_index, len(shards) - 1)].data)
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)
+
+
+def params_sha256(params: Any) -> str:
+    """sha256 over the bytes of every parameter leaf, in pytree order."""
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(to_host(params)):
+        h.update(np.ascontiguousarray(leaf).tobytes())
+    return h.hexdigest()

@@ -1,0 +1,92 @@
+"""The data-parallel step: per-shard weighted sums -> psum -> one optax update.
+
+Each device computes the gradient of the *sum* of its rows' weighted losses;
+the psum of those sums divided by the psum of the weights is the exact global
+mean gradient for any device count (padding rows carry weight 0). The update
+is then the same replicated computation on every device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from jaxdml.mesh import DATA_AXIS, replicated
+from jaxdml.training.state import TrainState
+
+StepFn = Callable[[TrainState, dict], tuple[TrainState, dict]]
+
+
+def local_sums(model: Any, params: Any, x: jax.Array, y: jax.Array, w: jax.Array) -> dict:
+    """This shard's weighted loss sum, gradient sum, weight sum and correct count."""
+
+    def weighted_loss(p):
+        return jnp.sum(w * model.per_sample_loss(p, x, y))
+
+    loss_sum, grad_sum = jax.value_and_grad(weighted_loss)(params)
+    correct = jnp.sum(w * (model.predict(params, x) == y))
+    return {"loss": loss_sum, "grad": grad_sum, "weight": jnp.sum(w), "correct": correct}
+
+
+def aggregated_sums(model: Any, mesh: Mesh) -> Callable:
+    """shard_map'd `local_sums` followed by psum over 'data': global sums, replicated."""
+
+    def per_shard(params, x, y, w):
+        # Mark the replicated params as per-device values: the gradient is then this
+        # shard's own sum (no implicit psum from differentiating a replicated input),
+        # and the one explicit psum below aggregates it.
+        params = jax.lax.pcast(params, DATA_AXIS, to="varying")
+        return jax.lax.psum(local_sums(model, params, x, y, w), DATA_AXIS)
+
+    data = P(DATA_AXIS)
+    return jax.shard_map(per_shard, mesh=mesh, in_specs=(P(), data, data, data), out_specs=P())
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """True when every element of every leaf is finite."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def make_gradient_step(
+    model: Any, optimizer: optax.GradientTransformation, mesh: Mesh, donate: bool = False
+) -> StepFn:
+    """The jitted step for gradient-trained models.
+
+    A non-finite loss or gradient skips the update: params and optimizer state
+    are kept, the batch is consumed (step and data position advance) and
+    metrics['skipped'] is 1.
+    """
+    sums_fn = aggregated_sums(model, mesh)
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        sums = sums_fn(state.params, batch["x"], batch["y"], batch["w"])
+        reg, reg_grad = jax.value_and_grad(model.regularizer)(state.params)
+        grads = jax.tree.map(lambda g, r: g / sums["weight"] + r, sums["grad"], reg_grad)
+        loss = sums["loss"] / sums["weight"] + reg
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ok = jnp.isfinite(loss) & all_finite(grads)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            data_pos=batch["pos"],
+        )
+        metrics = {
+            "loss": loss,
+            "batch_accuracy": sums["correct"] / sums["weight"],
+            "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(new_state.params),
+            "skipped": (~ok).astype(jnp.int32),
+        }
+        return new_state, metrics
+
+    rep = replicated(mesh)
+    return jax.jit(step, out_shardings=(rep, rep), donate_argnums=(0,) if donate else ())

@@ -14,7 +14,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv: list[str]) -> None:
     del argv
-    print(describe(jaxdml.train(_CONFIG.value, _WORKDIR.value)))
+    result = jaxdml.train(_CONFIG.value, _WORKDIR.value)
+    if result.get("preempted"):
+        print(f"preempted at step {result['steps']}: checkpoint saved; rerun to resume")
+        return
+    print(describe(result))
 
 
 if __name__ == "__main__":

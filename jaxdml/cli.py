@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from jaxdml.config import ConfigError
 
@@ -34,9 +34,22 @@ def run(main: Callable[[list[str]], None]) -> None:
     """`app.run(main)` where a ConfigError (bad config or data) is a one-line error, exit 2."""
 
     def guarded(argv: list[str]) -> None:
+        quiet_library_logs()
         try:
             main(argv)
         except ConfigError as e:
             _fail(str(e))
 
     app.run(guarded, flags_parser=parse_flags)
+
+
+class _QuietLibraries:
+    """Drops INFO/DEBUG records from Orbax: it logs every save in detail."""
+
+    def filter(self, record) -> bool:
+        return record.levelno >= 30 or "orbax" not in record.pathname
+
+
+def quiet_library_logs() -> None:
+    """Keeps our INFO progress lines and Orbax's warnings, not its INFO chatter."""
+    logging.get_absl_handler().addFilter(_QuietLibraries())

@@ -12,6 +12,8 @@ from typing import Any
 
 import ml_collections
 
+from jaxdml.faults import inject
+
 MODELS = ("logreg", "svm", "gbdt", "mlp")
 DATA_SOURCES = ("synthetic", "sklearn", "file")
 SKLEARN_DATASETS = ("make_classification", "digits", "breast_cancer", "iris", "wine")
@@ -212,6 +214,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"config.data.n_informative ({d.n_informative}) must not exceed "
             f"config.data.n_features ({d.n_features})"
         )
+    try:
+        inject.parse(config.faults)
+    except inject.FaultPlanError as e:
+        raise ConfigError(f"config.faults: {e}") from e
     hidden = tuple(config.model.hidden_sizes)
     if not all(isinstance(h, int) and h > 0 for h in hidden):
         raise ConfigError(f"config.model.hidden_sizes must be positive integers, got {hidden}")

@@ -60,15 +60,18 @@ class Loop:
         dispatch_depth: int = 2,
         log_every: int = 50,
         before_step: Callable[[int, TrainState, dict], tuple[TrainState, dict]] | None = None,
+        should_stop: Callable[[int], bool] | None = None,
     ):
         self.step_fn, self.batcher, self.mesh = step_fn, batcher, mesh
         self.num_steps, self.on_metrics, self.hooks = num_steps, on_metrics, list(hooks)
         self.dispatch_depth, self.log_every = dispatch_depth, log_every
         self.before_step = before_step
+        self.should_stop = should_stop or (lambda step: False)
         self.last_good: tuple[int, TrainState] | None = None
 
     def run(self, state: TrainState) -> TrainState:
-        """Trains until `num_steps`; returns the final state (all steps finished)."""
+        """Trains until `num_steps` or until `should_stop(step)`; returns the state of the
+        last step, with every dispatched step finished."""
         step = int(to_host(state.step))
         pos = to_host(state.data_pos)
         self.last_good = (step, state)
@@ -85,6 +88,8 @@ class Loop:
             inflight.append((step, state, metrics))
             for hook in self.hooks:
                 hook(step, state)
+            if self.should_stop(step):
+                break
             if step % self.log_every == 0:
                 rate = (step - s0) / max(time.perf_counter() - t0, 1e-9)
                 logging.info("step %d/%d  %.1f steps/s", step, self.num_steps, rate)

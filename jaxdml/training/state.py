@@ -46,9 +46,7 @@ def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfor
     return optax.sgd(lambda count: 1.0 / (lam * (count + 1.0)))
 
 
-def init_state(model: Any, optimizer: optax.GradientTransformation, seed: int, mesh: Mesh):
-    """A fresh TrainState, born replicated on `mesh`."""
-
+def _initializer(model: Any, optimizer: optax.GradientTransformation, seed: int):
     def init() -> TrainState:
         rng = jax.random.PRNGKey(seed)
         params = model.init(jax.random.fold_in(rng, 0))
@@ -61,7 +59,20 @@ def init_state(model: Any, optimizer: optax.GradientTransformation, seed: int, m
             model_state=model.init_state() if hasattr(model, "init_state") else {},
         )
 
+    return init
+
+
+def init_state(model: Any, optimizer: optax.GradientTransformation, seed: int, mesh: Mesh):
+    """A fresh TrainState, born replicated on `mesh`."""
+    init = _initializer(model, optimizer, seed)
     return jax.jit(init, out_shardings=mesh_lib.replicated(mesh))()
+
+
+def abstract_state(model: Any, optimizer: optax.GradientTransformation, seed: int, mesh: Mesh):
+    """Shapes, dtypes and (replicated) shardings of the TrainState, with no arrays made."""
+    shapes = jax.eval_shape(_initializer(model, optimizer, seed))
+    rep = mesh_lib.replicated(mesh)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), shapes)
 
 
 def to_host(tree: Any, device_index: int = 0) -> Any:
@@ -82,3 +93,9 @@ def params_sha256(params: Any) -> str:
     for leaf in jax.tree.leaves(to_host(params)):
         h.update(np.ascontiguousarray(leaf).tobytes())
     return h.hexdigest()
+
+
+def flat_params(params: Any) -> dict[str, np.ndarray]:
+    """{keypath: host array} of the parameters (what params.npz holds)."""
+    flat = jax.tree_util.tree_flatten_with_path(to_host(params))[0]
+    return {jax.tree_util.keystr(path): leaf for path, leaf in flat}

@@ -85,6 +85,8 @@ def make_gradient_step(
             "grad_norm": optax.tree.norm(grads),
             "param_norm": optax.tree.norm(new_state.params),
             "skipped": (~ok).astype(jnp.int32),
+            "samples": sums["weight"],
+            "epoch": batch["pos"]["epoch"] - (batch["pos"]["index"] == 0),
         }
         return new_state, metrics
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -11,13 +12,25 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+import jaxdml
+from jaxdml import checkpoint as ckpt_lib
 from jaxdml import mesh as mesh_lib
 from jaxdml.config import validate
 from jaxdml.data import Dataset, GlobalBatcher, load_dataset
+from jaxdml.faults import inject
+from jaxdml.faults.detect import PreemptionWatcher
 from jaxdml.metrics import EventLog, MetricsWriter, write_result
 from jaxdml.models import build_model
-from jaxdml.training.loop import Loop
-from jaxdml.training.state import TrainState, build_optimizer, init_state, params_sha256, to_host
+from jaxdml.training.loop import Loop, Periodic
+from jaxdml.training.state import (
+    TrainState,
+    abstract_state,
+    build_optimizer,
+    flat_params,
+    init_state,
+    params_sha256,
+    to_host,
+)
 from jaxdml.training.step import StepFn, make_gradient_step
 
 
@@ -43,6 +56,8 @@ class Trainer:
         """
         self.config = validate(config)
         self.workdir = workdir
+        # First, before anything starts JAX: simulated CPU devices must be set up front.
+        devices = devices or mesh_lib.select_devices(config.num_cpu_devices)
         self.dataset = dataset or load_dataset(config.data)
         ds = self.dataset
         self.model = build_model(config, ds.num_features, ds.num_classes)
@@ -53,10 +68,23 @@ class Trainer:
         )
         self.metrics = MetricsWriter(workdir, config.train.tensorboard)
         self.events = EventLog(workdir)
-        self.set_devices(devices or mesh_lib.select_devices(config.num_cpu_devices))
-        self.state: TrainState = init_state(self.model, self.optimizer, config.seed, self.mesh)
+        self.checkpointer = ckpt_lib.Checkpointer(
+            workdir,
+            max_to_keep=config.checkpoint.max_to_keep,
+            keep_period=config.checkpoint.keep_period,
+            async_save=config.checkpoint.async_save,
+            on_event=self.events.record,
+        )
+        self.injector = inject.Injector(
+            inject.parse(config.faults),
+            already_fired=[e["fault"] for e in self.events.rows() if "fault" in e],
+            record=self.events.record,
+        )
+        self.set_devices(devices)
         self._last_metrics: dict = {}
         self._start_time = time.time()
+        self.preempted = False
+        self.state: TrainState = self.restore_or_init()
 
     @property
     def num_steps(self) -> int:
@@ -69,7 +97,60 @@ class Trainer:
             self.model, self.optimizer, self.mesh, self.config.train.donate
         )
 
-    def make_loop(self, num_steps: int | None = None, hooks: Sequence = ()) -> Loop:
+    def restore_or_init(self) -> TrainState:
+        """The state to start from.
+
+        Resume precedence: (1) the newest valid checkpoint in workdir/checkpoints
+        (invalid ones are set aside, older ones tried); (2) a fresh init when there
+        are none, when checkpoint.resume='false' (old checkpoints are set aside, not
+        deleted), or when none is valid and resume='auto_or_scratch'.
+        """
+        c = self.config
+
+        def fresh() -> TrainState:
+            self.metrics.truncate_after(0)  # rows of an earlier, unsaved attempt
+            return init_state(self.model, self.optimizer, c.seed, self.mesh)
+
+        if c.checkpoint.resume == "false":
+            self.checkpointer.move_all_aside("checkpoint.resume=false")
+            return fresh()
+        abstract = abstract_state(self.model, self.optimizer, c.seed, self.mesh)
+        try:
+            restored = self.checkpointer.restore_latest_valid(abstract, ckpt_lib.identity(c))
+        except ckpt_lib.CheckpointError as e:
+            if c.checkpoint.resume != "auto_or_scratch" or "none of the" not in str(e):
+                raise
+            logging.warning("%s; starting from scratch (resume=auto_or_scratch)", e)
+            restored = None
+        if restored is None:
+            return fresh()
+        state, meta = restored
+        step = int(meta["step"])
+        self.metrics.truncate_after(step)
+        self.events.record(
+            "resumed",
+            step,
+            saved_on_devices=meta.get("num_devices"),
+            num_devices=int(self.mesh.devices.size),
+        )
+        logging.info("resumed from checkpoint step %d", step)
+        return state
+
+    def save_checkpoint(self, step: int, state: TrainState, wait: bool = False) -> None:
+        """Saves `state` (async unless `wait`), with the meta that validates it later."""
+        meta = {
+            "config": ckpt_lib.identity(self.config),
+            "num_devices": int(self.mesh.devices.size),
+            "jaxdml_version": jaxdml.__version__,
+        }
+        self.checkpointer.save(step, state, meta, wait=wait)
+
+    def make_loop(
+        self,
+        num_steps: int | None = None,
+        hooks: Sequence = (),
+        should_stop=None,
+    ) -> Loop:
         """A Loop over the current mesh that logs every finished step's metrics."""
         t = self.config.train
         return Loop(
@@ -81,7 +162,16 @@ class Trainer:
             hooks=list(hooks),
             dispatch_depth=t.dispatch_depth,
             log_every=t.log_every,
+            before_step=self.injector.before_step,
+            should_stop=should_stop,
         )
+
+    def checkpoint_hooks(self) -> list[Periodic]:
+        """The periodic checkpoint save, as the config asks (empty when off)."""
+        ck = self.config.checkpoint
+        if not (ck.every_steps or ck.every_secs):
+            return []
+        return [Periodic(self.save_checkpoint, ck.every_steps, ck.every_secs)]
 
     def _on_metrics(self, step: int, metrics: dict) -> None:
         row = {"step": step, **{k: np.asarray(v).item() for k, v in metrics.items()}}
@@ -110,9 +200,34 @@ class Trainer:
         }
 
     def fit(self) -> dict:
-        """Runs to `num_steps` and writes result.json; returns the result."""
-        self.state = self.make_loop().run(self.state)
+        """Runs to `num_steps` and writes result.json; returns the result.
+
+        On preemption (SIGTERM) the current step finishes, a checkpoint is saved
+        synchronously, and the returned result has preempted=True (no result.json).
+        """
+        with PreemptionWatcher() as preemption:
+            loop = self.make_loop(hooks=self.checkpoint_hooks(), should_stop=preemption.reached)
+            self.state = loop.run(self.state)
+        step = int(to_host(self.state.step))
+        if step < self.num_steps:
+            return self.stop_preempted(step)
+        self.save_checkpoint(step, self.state, wait=True)
         return self.finish()
+
+    def stop_preempted(self, step: int) -> dict:
+        """Saves now, records the preemption and closes; the next start resumes."""
+        self.save_checkpoint(step, self.state, wait=True)
+        self.events.record("preemption", step, action="saved checkpoint and exited")
+        logging.warning("preempted at step %d: checkpoint saved, exiting", step)
+        self.preempted = True
+        self.close()
+        return {"preempted": True, "steps": step}
+
+    def close(self) -> None:
+        """Waits for pending saves and closes every writer."""
+        self.checkpointer.close()
+        self.metrics.close()
+        self.events.close()
 
     def finish(self) -> dict:
         """Writes and returns result.json for the current state."""
@@ -126,9 +241,11 @@ class Trainer:
             "model": self.config.model.name,
             "data": self.dataset.name,
         }
+        np.savez(os.path.join(self.workdir, "params.npz"), **flat_params(self.state.params))
+        result["checkpoint_saves"] = self.checkpointer.saves
+        result["checkpoint_failed_saves"] = self.checkpointer.failed_saves
         write_result(self.workdir, result)
-        self.metrics.close()
-        self.events.close()
+        self.close()
         return result
 
 

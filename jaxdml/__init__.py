@@ -20,11 +20,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       workdir: output folder; a folder holding checkpoints resumes from them.
 
     Returns:
-      The result: final accuracies, loss, steps, device count, wall time, params_sha256.
+      The result: final accuracies, loss, steps, device count, wall time, params_sha256
+      and, under the supervisor, fault accounting (goodput, faults, lost steps, ...).
+
+    Raises:
+      ConfigError: a bad config value or data (nothing trained).
+      jaxdml.supervisor.GaveUp: too few devices left or the recovery budget spent
+        (a final checkpoint and workdir/report.json were written).
     """
+    from jaxdml.supervisor import Supervisor
     from jaxdml.training.trainer import Trainer
 
-    return Trainer(config, workdir).fit()
+    trainer = Trainer(config, workdir)
+    return trainer.fit(Supervisor(config) if config.supervisor.enabled else None)
 
 
 def __getattr__(name: str):

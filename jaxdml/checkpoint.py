@@ -52,6 +52,10 @@ class CheckpointError(ConfigError):
     """No usable checkpoint, or one written for another problem. Exit status 2."""
 
 
+class NoValidCheckpoint(CheckpointError):
+    """Checkpoints exist but none passes the checks (all were set aside)."""
+
+
 def identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The IDENTITY_FIELDS of `config`, flattened to JSON-able dotted keys."""
     out: dict[str, Any] = {}
@@ -171,8 +175,9 @@ class Checkpointer:
         checkpoints at all.
 
         Raises:
-          CheckpointError: checkpoints exist but none is valid, or the newest valid
-            one was written for another config (names the mismatched field).
+          NoValidCheckpoint: checkpoints exist but none is valid.
+          CheckpointError: the newest committed one was written for another config
+            (names the mismatched field).
         """
         steps = self.steps()
         if not steps:
@@ -185,7 +190,7 @@ class Checkpointer:
                 "checkpoint step %d is not usable (%s); trying an older one", step, problem
             )
             self.set_aside(step, problem)
-        raise CheckpointError(
+        raise NoValidCheckpoint(
             f"{self.directory}: none of the checkpoints {steps} is valid (set aside in "
             f"{SET_ASIDE_DIR}/); use --config.checkpoint.resume=auto_or_scratch to start over"
         )

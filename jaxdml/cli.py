@@ -12,6 +12,8 @@ from jaxdml.config import ConfigError
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2  # a bad config value, flag or data file; nothing was trained
+EXIT_GAVE_UP = 3  # the supervisor stopped: too few devices or recovery budget spent
+EXIT_HANG = 4  # the step watchdog saw no progress: a hang turned into a crash
 
 
 def _fail(message: str) -> NoReturn:

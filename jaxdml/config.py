@@ -89,6 +89,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.supervisor.enabled = True  # recover from failures (False: a failure ends the run)
     c.supervisor.min_devices = 1  # stop with a report below this many healthy devices
     c.supervisor.max_recoveries = 10  # recovery budget for the whole run
+    c.supervisor.backoff_secs = 0.0  # wait before the n-th recovery: backoff * 2^(n-1), max 30 s
     c.supervisor.nan_max_skips = 3  # skipped (non-finite) updates within the window before rollback
     c.supervisor.nan_window = 10  # steps in that window
     c.supervisor.spike_zscore = 0.0  # loss spike threshold in rolling z-score (0: off)
@@ -174,6 +175,7 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "supervisor.enabled": _bool,
     "supervisor.min_devices": _int_at_least(1),
     "supervisor.max_recoveries": _int_at_least(0),
+    "supervisor.backoff_secs": _float_at_least(0.0),
     "supervisor.nan_max_skips": _int_at_least(1),
     "supervisor.nan_window": _int_at_least(1),
     "supervisor.spike_zscore": _float_at_least(0.0),

@@ -176,9 +176,10 @@ class Injector:
         return state, batch
 
 
-def flip_bit(params, device_id: int, bit: int = 30):
-    """Flips `bit` (30: the top exponent bit of a float32) of the first element of the
-    first parameter leaf, in the replica on device `device_id` only."""
+def flip_bit(params, device_id: int, bit: int = 26):
+    """Flips `bit` of the first element of the first parameter leaf, in the replica on
+    device `device_id` only. Bit 26 is a float32 exponent bit: the value is scaled by
+    2^8 or 2^-8, a large but finite error that only the replica fingerprints catch."""
     import jax
     import numpy as np
 

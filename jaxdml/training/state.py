@@ -87,6 +87,20 @@ def to_host(tree: Any, device_index: int = 0) -> Any:
     return jax.tree.map(one, tree)
 
 
+def from_replica(tree: Any, device: jax.Device, mesh: Mesh) -> Any:
+    """Re-replicates a replicated pytree over `mesh` from the copy held by `device`
+    (a surviving device's replica: no checkpoint read)."""
+    rep = mesh_lib.replicated(mesh)
+
+    def one(x):
+        if not isinstance(x, jax.Array):
+            return jax.device_put(x, rep)
+        shard = next(s for s in x.addressable_shards if s.device == device)
+        return jax.device_put(shard.data, rep)
+
+    return jax.tree.map(one, tree)
+
+
 def params_sha256(params: Any) -> str:
     """sha256 over the bytes of every parameter leaf, in pytree order."""
     h = hashlib.sha256()

@@ -31,7 +31,7 @@ from jaxdml.training.state import (
     params_sha256,
     to_host,
 )
-from jaxdml.training.step import StepFn, make_gradient_step
+from jaxdml.training.step import StepFn, make_gradient_step, make_skip_step
 
 
 class Trainer:
@@ -84,6 +84,8 @@ class Trainer:
         self._last_metrics: dict = {}
         self._start_time = time.time()
         self.preempted = False
+        self.skip_steps: set[int] = set()  # steps whose batch is set aside (after a rollback)
+        self.observers: list = []  # extra on_metrics(step, row) callbacks (the supervisor's)
         self.state: TrainState = self.restore_or_init()
 
     @property
@@ -96,6 +98,7 @@ class Trainer:
         self.step_fn: StepFn = make_gradient_step(
             self.model, self.optimizer, self.mesh, self.config.train.donate
         )
+        self.skip_fn: StepFn = make_skip_step(self.mesh)
 
     def restore_or_init(self) -> TrainState:
         """The state to start from.
@@ -106,35 +109,40 @@ class Trainer:
         deleted), or when none is valid and resume='auto_or_scratch'.
         """
         c = self.config
-
-        def fresh() -> TrainState:
-            self.metrics.truncate_after(0)  # rows of an earlier, unsaved attempt
-            return init_state(self.model, self.optimizer, c.seed, self.mesh)
-
         if c.checkpoint.resume == "false":
             self.checkpointer.move_all_aside("checkpoint.resume=false")
-            return fresh()
-        abstract = abstract_state(self.model, self.optimizer, c.seed, self.mesh)
+            return self._fresh_state()
         try:
-            restored = self.checkpointer.restore_latest_valid(abstract, ckpt_lib.identity(c))
-        except ckpt_lib.CheckpointError as e:
-            if c.checkpoint.resume != "auto_or_scratch" or "none of the" not in str(e):
+            state = self.restore_latest()
+        except ckpt_lib.NoValidCheckpoint as e:
+            if c.checkpoint.resume != "auto_or_scratch":
                 raise
             logging.warning("%s; starting from scratch (resume=auto_or_scratch)", e)
-            restored = None
-        if restored is None:
-            return fresh()
-        state, meta = restored
-        step = int(meta["step"])
-        self.metrics.truncate_after(step)
-        self.events.record(
-            "resumed",
-            step,
-            saved_on_devices=meta.get("num_devices"),
-            num_devices=int(self.mesh.devices.size),
-        )
-        logging.info("resumed from checkpoint step %d", step)
+            return self._fresh_state()
+        step = int(to_host(state.step))
+        if step:
+            self.events.record("resumed", step, num_devices=int(self.mesh.devices.size))
+            logging.info("resumed from checkpoint step %d", step)
         return state
+
+    def restore_latest(self) -> TrainState:
+        """The newest valid checkpoint on the current mesh (a fresh state if there is
+        none); metrics rows past its step are dropped, since those steps run again."""
+        abstract = abstract_state(self.model, self.optimizer, self.config.seed, self.mesh)
+        restored = self.checkpointer.restore_latest_valid(abstract, ckpt_lib.identity(self.config))
+        if restored is None:
+            return self._fresh_state()
+        state, meta = restored
+        self.metrics.truncate_after(int(meta["step"]))
+        return state
+
+    def _fresh_state(self) -> TrainState:
+        self.metrics.truncate_after(0)  # rows of an earlier, unsaved attempt
+        return init_state(self.model, self.optimizer, self.config.seed, self.mesh)
+
+    def replicated_sharding(self):
+        """Every device of the current mesh holds the whole array (the state's layout)."""
+        return mesh_lib.replicated(self.mesh)
 
     def save_checkpoint(self, step: int, state: TrainState, wait: bool = False) -> None:
         """Saves `state` (async unless `wait`), with the meta that validates it later."""
@@ -164,6 +172,8 @@ class Trainer:
             log_every=t.log_every,
             before_step=self.injector.before_step,
             should_stop=should_stop,
+            skip_fn=self.skip_fn,
+            skip_steps=frozenset(self.skip_steps),
         )
 
     def checkpoint_hooks(self) -> list[Periodic]:
@@ -180,6 +190,8 @@ class Trainer:
         if every and step % every == 0:
             row.update(self.evaluate())
         self.metrics.write(row)
+        for observe in self.observers:
+            observe(step, row)
         if step % self.config.train.log_every == 0:
             logging.info("step %d  loss %.5f  grad_norm %.3g", step, row["loss"], row["grad_norm"])
 
@@ -199,20 +211,29 @@ class Trainer:
             "test_accuracy": float(np.mean(np.asarray(predict(params, ds.x_test)) == ds.y_test)),
         }
 
-    def fit(self) -> dict:
+    def fit(self, supervisor=None) -> dict:
         """Runs to `num_steps` and writes result.json; returns the result.
+
+        Args:
+          supervisor: None runs the plain loop, where any failure ends the run;
+            otherwise an object with `run(trainer, should_stop)` that runs the loop,
+            recovers from failures and leaves the final state in `trainer.state`,
+            and `report()` -> dict of fields added to the result.
 
         On preemption (SIGTERM) the current step finishes, a checkpoint is saved
         synchronously, and the returned result has preempted=True (no result.json).
         """
         with PreemptionWatcher() as preemption:
-            loop = self.make_loop(hooks=self.checkpoint_hooks(), should_stop=preemption.reached)
-            self.state = loop.run(self.state)
+            if supervisor is None:
+                loop = self.make_loop(hooks=self.checkpoint_hooks(), should_stop=preemption.reached)
+                self.state = loop.run(self.state)
+            else:
+                supervisor.run(self, should_stop=preemption.reached)
         step = int(to_host(self.state.step))
         if step < self.num_steps:
             return self.stop_preempted(step)
         self.save_checkpoint(step, self.state, wait=True)
-        return self.finish()
+        return self.finish(supervisor.report() if supervisor else {})
 
     def stop_preempted(self, step: int) -> dict:
         """Saves now, records the preemption and closes; the next start resumes."""
@@ -229,8 +250,8 @@ class Trainer:
         self.metrics.close()
         self.events.close()
 
-    def finish(self) -> dict:
-        """Writes and returns result.json for the current state."""
+    def finish(self, extra: dict | None = None) -> dict:
+        """Writes and returns result.json for the current state (plus `extra` fields)."""
         result = {
             **self.evaluate(),
             "loss": self._last_metrics.get("loss"),
@@ -242,6 +263,7 @@ class Trainer:
             "data": self.dataset.name,
         }
         np.savez(os.path.join(self.workdir, "params.npz"), **flat_params(self.state.params))
+        result.update(extra or {})
         result["checkpoint_saves"] = self.checkpointer.saves
         result["checkpoint_failed_saves"] = self.checkpointer.failed_saves
         write_result(self.workdir, result)

@@ -7,6 +7,7 @@ from ml_collections import config_flags
 
 import jaxdml
 from jaxdml import cli
+from jaxdml.metrics import EventLog
 from jaxdml.supervisor import GaveUp
 from jaxdml.training.trainer import describe
 
@@ -25,7 +26,7 @@ def main(argv: list[str]) -> None:
     if result.get("preempted"):
         print(f"preempted at step {result['steps']}: checkpoint saved; rerun to resume")
         return
-    print(describe(result))
+    print(describe(result, EventLog.read(_WORKDIR.value)))
 
 
 if __name__ == "__main__":

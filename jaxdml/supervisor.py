@@ -246,6 +246,10 @@ class Supervisor:
         """Writes the pending recovery event once its first step after recovery finished."""
         p, self._pending = self._pending, None
         seconds = self.clock() - p.pop("detected")
+        # This step's time (recompilation for the new mesh) is in seconds_lost already;
+        # count a typical step's worth of it as productive.
+        others = [t for s, t in self._step_seconds.items() if s != step]
+        self._step_seconds[step] = statistics.median(others) if others else 0.0
         kind = p.pop("kind")
         event = self._event(kind, p.pop("step"), seconds_lost=seconds, resumed_at=step, **p)
         self.recoveries.append(event)

@@ -271,21 +271,22 @@ class Trainer:
         return result
 
 
-def describe(result: dict[str, Any]) -> str:
-    """A one-screen table of a result."""
-    keys = (
-        "model",
-        "data",
-        "num_devices",
-        "steps",
-        "loss",
-        "train_accuracy",
-        "test_accuracy",
-        "wall_time_s",
-        "params_sha256",
-    )
+def describe(result: dict[str, Any], events: list[dict] = ()) -> str:
+    """A one-screen table of a result, and the faults and recoveries of the run."""
+    keys = ("model", "data", "num_devices", "steps", "loss", "train_accuracy", "test_accuracy",
+            "wall_time_s", "goodput", "lost_steps", "params_sha256")  # fmt: skip
     lines = []
     for k in keys:
         v = result.get(k)
-        lines.append(f"{k:<16} {v:.4f}" if isinstance(v, float) else f"{k:<16} {v}")
+        if v is not None:
+            lines.append(f"{k:<16} {v:.4f}" if isinstance(v, float) else f"{k:<16} {v}")
+    shown = [e for e in events if e["kind"] != "fault_injected"]
+    if shown:
+        lines.append("events:")
+    for e in shown:
+        lost = e.get("seconds_lost")
+        lines.append(
+            f"  step {e['step']:>5}  {e['kind']:<12} devices {e.get('devices', [])}  "
+            f"{e.get('action', '')}" + (f"  ({lost:.2f} s lost)" if lost is not None else "")
+        )
     return "\n".join(lines)

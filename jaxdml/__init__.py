@@ -22,9 +22,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     Returns:
       The result: final accuracies, loss, steps, device count, wall time, params_sha256.
     """
+    from jaxdml import distributed
     from jaxdml.training.trainer import Trainer
 
-    return Trainer(config, workdir).fit()
+    result = Trainer(config, workdir).fit()
+    distributed.shutdown(config.distributed.shutdown_timeout_secs)  # multi-process only
+    return result
 
 
 def __getattr__(name: str):

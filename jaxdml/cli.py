@@ -13,6 +13,13 @@ from jaxdml.config import ConfigError
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2  # a bad config value, flag or data file; nothing was trained
 
+# The environment jaxdml.launch gives each process it starts (read by jaxdml.distributed).
+ENV_COORDINATOR = "JAXDML_COORDINATOR"  # host:port of process 0's coordination service
+ENV_NUM_PROCESSES = "JAXDML_NUM_PROCESSES"  # processes in the job
+ENV_PROCESS_ID = "JAXDML_PROCESS_ID"  # this process, 0..N-1
+ENV_NUM_CPU_DEVICES = "JAXDML_NUM_CPU_DEVICES"  # simulated CPU devices of this process
+ENV_ATTEMPT = "JAXDML_ATTEMPT"  # 0 for the group's first start, k for its k-th restart
+
 
 def _fail(message: str) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)

@@ -8,7 +8,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import jax
 from absl import logging
 from jax.sharding import Mesh
 
@@ -94,6 +93,6 @@ class Loop:
 
     def _finish(self, item: tuple[int, TrainState, Any]) -> None:
         step, state, metrics = item
-        metrics = jax.device_get(metrics)
+        metrics = to_host(metrics)  # jax.device_get cannot read arrays spanning processes
         self.last_good = (step, state)
         self.on_metrics(step, metrics)

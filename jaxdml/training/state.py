@@ -65,10 +65,16 @@ def init_state(model: Any, optimizer: optax.GradientTransformation, seed: int, m
 
 
 def to_host(tree: Any, device_index: int = 0) -> Any:
-    """A host numpy copy of a replicated pytree, read from one device's replica."""
+    """A host numpy copy of a replicated pytree, read from one of this process's replicas.
+
+    Works when the arrays span several processes: only addressable shards are read.
+    Raises ValueError for an array that is not replicated (a shard is not the whole).
+    """
 
     def one(x):
         if isinstance(x, jax.Array):
+            if not x.sharding.is_fully_replicated:
+                raise ValueError(f"to_host needs replicated arrays, got sharding {x.sharding}")
             shards = x.addressable_shards
             return np.asarray(shards[min(device_index, len(shards) - 1)].data)
         return np.asarray(x)
@@ -82,3 +88,9 @@ def params_sha256(params: Any) -> str:
     for leaf in jax.tree.leaves(to_host(params)):
         h.update(np.ascontiguousarray(leaf).tobytes())
     return h.hexdigest()
+
+
+def flat_params(params: Any) -> dict[str, np.ndarray]:
+    """{keypath: host array} of the parameters (what params.npz holds)."""
+    flat = jax.tree_util.tree_flatten_with_path(to_host(params))[0]
+    return {jax.tree_util.keystr(path): leaf for path, leaf in flat}

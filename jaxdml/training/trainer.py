@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -11,13 +12,21 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from jaxdml import distributed
 from jaxdml import mesh as mesh_lib
 from jaxdml.config import validate
 from jaxdml.data import Dataset, GlobalBatcher, load_dataset
 from jaxdml.metrics import EventLog, MetricsWriter, write_result
 from jaxdml.models import build_model
 from jaxdml.training.loop import Loop
-from jaxdml.training.state import TrainState, build_optimizer, init_state, params_sha256, to_host
+from jaxdml.training.state import (
+    TrainState,
+    build_optimizer,
+    flat_params,
+    init_state,
+    params_sha256,
+    to_host,
+)
 from jaxdml.training.step import StepFn, make_gradient_step
 
 
@@ -43,6 +52,7 @@ class Trainer:
         """
         self.config = validate(config)
         self.workdir = workdir
+        distributed.initialize(config)  # multi-process only; before any JAX computation
         self.dataset = dataset or load_dataset(config.data)
         ds = self.dataset
         self.model = build_model(config, ds.num_features, ds.num_classes)
@@ -51,9 +61,11 @@ class Trainer:
         self.batcher = GlobalBatcher(
             ds.x_train, ds.y_train, None if full else config.train.batch_size, config.seed
         )
-        self.metrics = MetricsWriter(workdir, config.train.tensorboard)
-        self.events = EventLog(workdir)
-        self.set_devices(devices or mesh_lib.select_devices(config.num_cpu_devices))
+        # Process 0 writes the run's records; the others keep theirs apart, per process.
+        records = workdir if distributed.is_coordinator() else _process_dir(workdir)
+        self.metrics = MetricsWriter(records, config.train.tensorboard)
+        self.events = EventLog(records)
+        self.set_devices(devices or distributed.default_devices(config))
         self.state: TrainState = init_state(self.model, self.optimizer, config.seed, self.mesh)
         self._last_metrics: dict = {}
         self._start_time = time.time()
@@ -126,10 +138,16 @@ class Trainer:
             "model": self.config.model.name,
             "data": self.dataset.name,
         }
-        write_result(self.workdir, result)
+        if distributed.is_coordinator():
+            write_result(self.workdir, result)
+            np.savez(os.path.join(self.workdir, "params.npz"), **flat_params(self.state.params))
         self.metrics.close()
         self.events.close()
         return result
+
+
+def _process_dir(workdir: str) -> str:
+    return os.path.join(workdir, f"process_{distributed.process_index()}")
 
 
 def describe(result: dict[str, Any]) -> str:

@@ -10,13 +10,13 @@ from absl import app, flags
 
 from jaxdml.config import ConfigError
 
-# Exit statuses of jaxdml's entry points; jaxdml.launch decides on restarts by them.
 EXIT_OK = 0
-EXIT_FAILURE = 1  # an unhandled error (Python's own status for an uncaught exception)
 EXIT_BAD_INPUT = 2  # a bad config value, flag or data file; nothing was trained
-EXIT_HANG = 3  # the step watchdog saw no progress: a stuck rank made into a failure
-EXIT_GAVE_UP = 4  # the supervisor stopped: too few devices or the recovery budget is spent
-# A restart cannot fix these: the same input fails the same way.
+EXIT_GAVE_UP = 3  # the supervisor stopped: too few devices or recovery budget spent
+EXIT_HANG = 4  # the step watchdog saw no progress: a hang turned into a crash
+
+# jaxdml.launch decides on restarts by exit status; a restart cannot fix these
+# (the same input fails the same way). Status 1 is Python's for an uncaught exception.
 NO_RESTART_EXIT_CODES = frozenset({EXIT_BAD_INPUT})
 
 # The environment jaxdml.launch gives each process it starts (read by jaxdml.distributed).

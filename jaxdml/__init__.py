@@ -28,11 +28,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       jaxdml.supervisor.GaveUp: too few devices left or the recovery budget spent
         (a final checkpoint and workdir/report.json were written).
     """
+    from jaxdml import distributed
     from jaxdml.supervisor import Supervisor
     from jaxdml.training.trainer import Trainer
 
     trainer = Trainer(config, workdir)
-    return trainer.fit(Supervisor(config) if config.supervisor.enabled else None)
+    result = trainer.fit(Supervisor(config) if config.supervisor.enabled else None)
+    distributed.shutdown(config.distributed.shutdown_timeout_secs)  # multi-process only
+    return result
 
 
 def __getattr__(name: str):

@@ -8,7 +8,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import jax
 from absl import logging
 from jax.sharding import Mesh
 
@@ -134,7 +133,7 @@ class Loop:
 
     def _finish(self, item: tuple[int, TrainState, Any]) -> None:
         step, state, metrics = item
-        metrics = jax.device_get(metrics)
+        metrics = to_host(metrics)  # jax.device_get cannot read arrays spanning processes
         now = time.perf_counter()
         self.step_seconds.append(now - self._last_finish)
         self._last_finish = now

@@ -76,10 +76,16 @@ def abstract_state(model: Any, optimizer: optax.GradientTransformation, seed: in
 
 
 def to_host(tree: Any, device_index: int = 0) -> Any:
-    """A host numpy copy of a replicated pytree, read from one device's replica."""
+    """A host numpy copy of a replicated pytree, read from one of this process's replicas.
+
+    Works when the arrays span several processes: only addressable shards are read.
+    Raises ValueError for an array that is not replicated (a shard is not the whole).
+    """
 
     def one(x):
         if isinstance(x, jax.Array):
+            if not x.sharding.is_fully_replicated:
+                raise ValueError(f"to_host needs replicated arrays, got sharding {x.sharding}")
             shards = x.addressable_shards
             return np.asarray(shards[min(device_index, len(shards) - 1)].data)
         return np.asarray(x)

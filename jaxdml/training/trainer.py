@@ -14,6 +14,7 @@ from absl import logging
 
 import jaxdml
 from jaxdml import checkpoint as ckpt_lib
+from jaxdml import distributed
 from jaxdml import mesh as mesh_lib
 from jaxdml.config import validate
 from jaxdml.data import Dataset, GlobalBatcher, load_dataset
@@ -56,8 +57,9 @@ class Trainer:
         """
         self.config = validate(config)
         self.workdir = workdir
-        # First, before anything starts JAX: simulated CPU devices must be set up front.
-        devices = devices or mesh_lib.select_devices(config.num_cpu_devices)
+        distributed.initialize(config)  # multi-process only; before any JAX computation
+        # Before anything else starts JAX: simulated CPU devices must be set up front.
+        devices = devices or distributed.default_devices(config)
         self.dataset = dataset or load_dataset(config.data)
         ds = self.dataset
         self.model = build_model(config, ds.num_features, ds.num_classes)
@@ -66,8 +68,10 @@ class Trainer:
         self.batcher = GlobalBatcher(
             ds.x_train, ds.y_train, None if full else config.train.batch_size, config.seed
         )
-        self.metrics = MetricsWriter(workdir, config.train.tensorboard)
-        self.events = EventLog(workdir)
+        # Process 0 writes the run's records; the others keep theirs apart, per process.
+        records = workdir if distributed.is_coordinator() else _process_dir(workdir)
+        self.metrics = MetricsWriter(records, config.train.tensorboard)
+        self.events = EventLog(records)
         self.checkpointer = ckpt_lib.Checkpointer(
             workdir,
             max_to_keep=config.checkpoint.max_to_keep,
@@ -262,13 +266,18 @@ class Trainer:
             "model": self.config.model.name,
             "data": self.dataset.name,
         }
-        np.savez(os.path.join(self.workdir, "params.npz"), **flat_params(self.state.params))
         result.update(extra or {})
         result["checkpoint_saves"] = self.checkpointer.saves
         result["checkpoint_failed_saves"] = self.checkpointer.failed_saves
-        write_result(self.workdir, result)
+        if distributed.is_coordinator():
+            write_result(self.workdir, result)
+            np.savez(os.path.join(self.workdir, "params.npz"), **flat_params(self.state.params))
         self.close()
         return result
+
+
+def _process_dir(workdir: str) -> str:
+    return os.path.join(workdir, f"process_{distributed.process_index()}")
 
 
 def describe(result: dict[str, Any], events: list[dict] = ()) -> str:

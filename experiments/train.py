@@ -6,7 +6,7 @@ from absl import flags
 from ml_collections import config_flags
 
 import jaxdml
-from jaxdml import cli
+from jaxdml import cli, distributed
 from jaxdml.metrics import EventLog
 from jaxdml.supervisor import GaveUp
 from jaxdml.training.trainer import describe
@@ -23,6 +23,8 @@ def main(argv: list[str]) -> None:
     except GaveUp as e:
         print(f"gave up: {e} (report: {_WORKDIR.value}/report.json)", file=sys.stderr)
         sys.exit(cli.EXIT_GAVE_UP)
+    if not distributed.is_coordinator():
+        return  # process 0 reports for the job
     if result.get("preempted"):
         print(f"preempted at step {result['steps']}: checkpoint saved; rerun to resume")
         return

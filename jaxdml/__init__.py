@@ -34,7 +34,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     trainer = Trainer(config, workdir)
     result = trainer.fit(Supervisor(config) if config.supervisor.enabled else None)
-    distributed.shutdown(config.distributed.shutdown_timeout_secs)  # multi-process only
+    # Multi-process only: the processes still in the job leave it in order.
+    distributed.shutdown(config.distributed.shutdown_timeout_secs, trainer.live_processes)
     return result
 
 

@@ -10,12 +10,14 @@ check is moved aside (never deleted) and the next older one is tried.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -102,13 +104,34 @@ class Checkpointer:
         self.failed_saves = 0
         self.saves = 0
         self.last_saved_step: int | None = None
-        options = ocp.CheckpointManagerOptions(
+        self._options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             keep_period=keep_period or None,
             enable_async_checkpointing=async_save,
             create=True,
         )
+        self.manager = ocp.CheckpointManager(self.directory, options=self._options)
+        self._host_copies = False
+
+    def restrict_to(self, process_ids: list[int]) -> None:
+        """After a host loss: a new manager among the surviving processes.
+
+        The old manager's next save fails at once (its collectives include the dead
+        process). The new one synchronizes only `process_ids`, with the lowest as
+        primary host, and is given host numpy copies of the replicated state, which
+        Orbax saves from the primary host (it refuses process-local jax.Arrays).
+        """
+        options = dataclasses.replace(
+            self._options,
+            create=False,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                primary_host=min(process_ids),
+                active_processes=set(process_ids),
+                barrier_sync_key_prefix=f"survivors_{'_'.join(map(str, process_ids))}",
+            ),
+        )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._host_copies = True
 
     # ----------------------------------------------------------------- saving
 
@@ -121,6 +144,8 @@ class Checkpointer:
         self._surface_background_errors()
         if step == self.last_saved_step or step in self.manager.all_steps():
             return False
+        if self._host_copies:
+            state = jax.tree.map(_local_copy, state)
         meta = {
             **meta,
             "step": int(step),
@@ -234,6 +259,11 @@ class Checkpointer:
     def close(self) -> None:
         self.wait()
         self.manager.close()
+
+
+def _local_copy(x: Any) -> Any:
+    """A host numpy copy of a replicated array, read from this process's replica."""
+    return np.asarray(x.addressable_shards[0].data) if isinstance(x, jax.Array) else x
 
 
 def _check_compatible(meta: dict, abstract_state: Any, config_identity: dict, step: int) -> None:

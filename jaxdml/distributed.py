@@ -185,7 +185,7 @@ def _client():
     return global_state.client
 
 
-def barrier(name: str, timeout_secs: float) -> None:
+def barrier(name: str, timeout_secs: float, process_ids: list[int] | None = None) -> None:
     """Waits until every process of the job reaches this point (no-op single-process).
 
     A coordination-service barrier, not a device collective, so it has a deadline:
@@ -193,10 +193,10 @@ def barrier(name: str, timeout_secs: float) -> None:
     """
     if jax.distributed.is_initialized():
         barrier_id = f"jaxdml_{name}_{next(_barrier_ids)}"
-        _client().wait_at_barrier(barrier_id, int(timeout_secs * 1000))
+        _client().wait_at_barrier(barrier_id, int(timeout_secs * 1000), process_ids)
 
 
-def shutdown(timeout_secs: float) -> None:
+def shutdown(timeout_secs: float, process_ids: list[int] | None = None) -> None:
     """Leaves the job in order at the end of a successful run (no-op single-process).
 
     In recoverable mode JAX's exit path no longer holds the processes together: process
@@ -206,10 +206,13 @@ def shutdown(timeout_secs: float) -> None:
 
     Args:
       timeout_secs: how long to wait at the barrier for the slowest process.
+      process_ids: the processes still in the job (default: all); after a host loss,
+        only the survivors meet.
     """
     if not jax.distributed.is_initialized():
         return
-    barrier("finish", timeout_secs)
+    ids = list(range(jax.process_count())) if process_ids is None else sorted(process_ids)
+    barrier("finish", timeout_secs, ids)
     if is_coordinator():
-        _client().get_live_nodes(list(range(jax.process_count())))
+        _client().get_live_nodes(ids)
     jax.distributed.shutdown()

@@ -14,6 +14,7 @@ The supervisor moves and chooses state; it never does arithmetic on parameters.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -46,6 +47,14 @@ class SilentCorruption(Exception):
     def __init__(self, step: int, odd: list[int], good: list[int]):
         super().__init__(f"replicas disagree at step {step}: odd devices {odd}, agreeing {good}")
         self.step, self.odd, self.good = step, odd, good
+
+
+class HostLost(RuntimeError):
+    """Devices of the mesh are no longer live: their process died (ProcessFailure)."""
+
+    def __init__(self, device_ids: list[int]):
+        super().__init__(f"ProcessFailure: devices {device_ids} are not live")
+        self.device_ids = device_ids
 
 
 class GaveUp(Exception):
@@ -90,12 +99,15 @@ class Supervisor:
     def run(self, trainer, should_stop: Callable[[int], bool]) -> None:
         """Trains `trainer` to its last step (or `should_stop`), recovering on failures."""
         self.trainer = trainer
-        self._t0 = self.clock()
+        self._t0 = self._last_progress = self.clock()
         trainer.observers.append(self._observe)
         with detect.Watchdog(self.cfg.watchdog_secs, self._on_hang, self.clock) as self.watchdog:
             while True:
                 hooks = trainer.checkpoint_hooks() + self._replica_check_hooks()
-                self._loop = trainer.make_loop(hooks=hooks, should_stop=should_stop)
+                guard = self._live_step if self._multi_process else None
+                self._loop = trainer.make_loop(
+                    hooks=hooks, should_stop=should_stop, step_guard=guard
+                )
                 try:
                     trainer.state = self._loop.run(trainer.state)
                     break
@@ -112,6 +124,7 @@ class Supervisor:
         """Called with every finished step's metrics row."""
         self.watchdog.pet()
         self._last_step = step
+        self._last_progress = self.clock()
         if self._loop is not None and self._loop.step_seconds:
             self._step_seconds[step] = self._loop.step_seconds[-1]
         if self._pending is not None:
@@ -153,7 +166,10 @@ class Supervisor:
             fields = self._exclude_and_replay(error)
         else:
             fields = self._shrink_mesh(kind, error)
-        self._pending = {"kind": kind, "detected": detected, **fields}
+        # How long the loop waited before the failure surfaced (a host loss: the
+        # heartbeat timeout); recovery time is counted from `detected` on.
+        waited = detected - getattr(self, "_last_progress", detected)
+        self._pending = {"kind": kind, "detected": detected, "detect_seconds": waited, **fields}
 
     @staticmethod
     def _kind(error: Exception) -> str:
@@ -168,7 +184,10 @@ class Supervisor:
         tr = self.trainer
         step, state = self._loop.last_good
         old = list(tr.mesh.devices.flat)
-        healthy = [d for d in old if self._alive(d)]
+        if kind == detect.HOST_LOSS and self._multi_process:
+            healthy = self._agree_on_live(old)
+        else:
+            healthy = [d for d in old if self._alive(d)]
         lost = sorted(int(d.id) for d in old if d not in healthy)
         if not lost:
             raise error  # nothing to exclude: retrying the same mesh would fail the same way
@@ -181,12 +200,51 @@ class Supervisor:
                 lost=lost,
             )
         tr.set_devices(healthy)
-        tr.state = from_replica(state, healthy[0], tr.mesh)
+        tr.state = from_replica(state, tr.mesh)
+        if kind == detect.HOST_LOSS:
+            survivors = sorted({int(d.process_index) for d in healthy})
+            tr.checkpointer.restrict_to(survivors)
+            tr.live_processes = survivors
         action = (
             f"mesh {len(old)}->{len(healthy)} devices; state of step {step} from the "
-            f"replica on device {healthy[0].id}"
+            "survivors' own replicas"
         )
         return {"step": step, "devices": lost, "action": action, "steps_redone": 0}
+
+    @property
+    def _multi_process(self) -> bool:
+        """Hot recovery across processes needs JAX's recoverability mode."""
+        return jax.process_count() > 1 and bool(jax.config.jax_enable_recoverability)
+
+    @contextlib.contextmanager
+    def _live_step(self):
+        """One step as a live_devices transaction: it completes on every process or
+        raises on every process (ProcessFailureError when a peer died during it).
+
+        The empty block first is a barrier of the living: a peer that died since the
+        last step is found here, before a collective waits for it. (Measured: on CPU
+        with gloo in recoverable mode, a collective with a dead peer blocks forever;
+        a death in the middle of a step is left to the watchdog, which turns it into
+        an exit and a restart.)
+        """
+        from jax.experimental.multihost_utils import live_devices
+
+        with live_devices(jax.devices()):
+            pass
+        with live_devices(jax.devices()) as live:
+            missing = set(self.trainer.mesh.devices.flat) - set(live)
+            if missing:
+                raise HostLost(sorted(int(d.id) for d in missing))
+            yield
+
+    @staticmethod
+    def _agree_on_live(devices: list[jax.Device]) -> list[jax.Device]:
+        """The survivors' common view of which of `devices` are alive (a barrier)."""
+        from jax.experimental.multihost_utils import live_devices
+
+        with live_devices(jax.devices()) as live:
+            alive = set(live)
+        return [d for d in devices if d in alive]
 
     def _alive(self, device: jax.Device) -> bool:
         if int(device.id) in self.trainer.injector.lost_devices:
@@ -245,7 +303,9 @@ class Supervisor:
     def _close_recovery(self, step: int) -> None:
         """Writes the pending recovery event once its first step after recovery finished."""
         p, self._pending = self._pending, None
-        seconds = self.clock() - p.pop("detected")
+        recover = self.clock() - p.pop("detected")
+        p["recover_seconds"] = recover
+        seconds = recover + p["detect_seconds"]
         # This step's time (recompilation for the new mesh) is in seconds_lost already;
         # count a typical step's worth of it as productive.
         others = [t for s, t in self._step_seconds.items() if s != step]
@@ -266,7 +326,7 @@ class Supervisor:
         saved = None
         if devices and state is not None:
             tr.set_devices(devices)
-            tr.state = from_replica(state, devices[0], tr.mesh)
+            tr.state = from_replica(state, tr.mesh)
             tr.save_checkpoint(step, tr.state, wait=True)
             saved = step
         report = {

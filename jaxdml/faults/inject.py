@@ -7,13 +7,16 @@ A plan is a comma-separated list of `kind@step[:devices]` entries:
   nan@50                the batch of step 51 carries NaN (the update must be skipped)
   nan@60-64             NaN on steps 61..65 (repeated: rollback)
   bitflip@200:1         an exponent bit of one parameter flips on device 1 only
-  hang@300:2            step 301 never finishes (the watchdog must fire)
+  hang@300:2            step 301 never finishes in the process holding device 2 (the
+                        watchdog must fire)
   slow@80-160:0         device 0 is a straggler (sleeps) for steps 81..161
   sigterm@400           the process receives SIGTERM (preemption)
   sigkill@450           the process is SIGKILLed (a crash)
-  host_loss@500:1       (multi-host) process 1 is SIGKILLed
+  host_loss@500:1       (multi-host) process 1 is SIGKILLed (the devices field names
+                        processes here)
 
-`@N` means "after N completed steps, before the next one is dispatched".
+`@N` means "after N completed steps, before the next one is dispatched". Device
+numbers are positions in jax.devices() (the ids, on one CPU host).
 A fault fires once per workdir: fired faults are recorded in events.jsonl and a
 rerun of the same command (resuming) does not fire them again.
 """
@@ -125,6 +128,23 @@ class Injector:
         self._signal = signal
         self.lost_devices = lost_devices if lost_devices is not None else set()
 
+    @staticmethod
+    def _holds_device(index: int | None) -> bool:
+        """Whether this process holds device number `index` of the job (None: yes).
+        Devices are numbered by their position in jax.devices()."""
+        import jax
+
+        if index is None:
+            return True
+        devices = jax.devices()
+        return index < len(devices) and devices[index].process_index == jax.process_index()
+
+    @staticmethod
+    def _process_index() -> int:
+        import jax
+
+        return jax.process_index()
+
     def _due(self, step: int, kind: str):
         for f in self.faults:
             if f.kind == kind and f.active_at(step) and self._key(f, step) not in self.fired:
@@ -163,6 +183,10 @@ class Injector:
         for f in self._due(step, "sigkill"):
             self._fire(f, step)
             self._kill(self._signal.SIGKILL)
+        for f in self._due(step, "host_loss"):
+            if self._process_index() in f.devices:  # the lost host is this process
+                self._fire(f, step)
+                self._kill(self._signal.SIGKILL)
         for f in self._due(step, "device_loss"):
             self._fire(f, step)
             self.lost_devices.update(f.devices)
@@ -170,6 +194,8 @@ class Injector:
                 f"UNAVAILABLE: device(s) {list(f.devices)} lost during step {step + 1} (injected)"
             )
         for f in self._due(step, "hang"):
+            if not self._holds_device(f.devices[0] if f.devices else None):
+                continue
             self._fire(f, step)
             while True:  # a hung collective: only the watchdog ends this
                 self._sleep(3600)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
 
+import jax
 from absl import logging
 from jax.sharding import Mesh
 
@@ -62,6 +64,7 @@ class Loop:
         should_stop: Callable[[int], bool] | None = None,
         skip_fn: StepFn | None = None,
         skip_steps: frozenset[int] = frozenset(),
+        step_guard: Callable[[], contextlib.AbstractContextManager] | None = None,
     ):
         self.step_fn, self.batcher, self.mesh = step_fn, batcher, mesh
         self.num_steps, self.on_metrics, self.hooks = num_steps, on_metrics, list(hooks)
@@ -69,6 +72,11 @@ class Loop:
         self.before_step = before_step
         self.should_stop = should_stop or (lambda step: False)
         self.skip_fn, self.skip_steps = skip_fn, skip_steps
+        # A guard makes each step a transaction: dispatched and finished inside it
+        # (multi-host: jax's live_devices, whose block succeeds or fails on every process).
+        self.step_guard = step_guard
+        if step_guard is not None:
+            self.dispatch_depth = 1
         self.last_good: tuple[int, TrainState] | None = None
         self.step_seconds: list[float] = []  # time between consecutive finished steps
         self.seconds = 0.0  # wall time spent in run()
@@ -104,14 +112,19 @@ class Loop:
         return state
 
     def _dispatch(self, step: int, state: TrainState, pos: dict) -> tuple[TrainState, dict]:
-        """Builds the batch after `step` steps and dispatches step `step + 1`."""
+        """Builds the batch after `step` steps and dispatches step `step + 1` (inside the
+        step guard, if any, where it also waits for the step to finish)."""
         batch, after = self.batcher.next(pos, self.mesh)
         if self.before_step is not None:
             state, batch = self.before_step(step, state, batch)
+        fn = self.step_fn
         if step + 1 in self.skip_steps and self.skip_fn is not None:
-            state, metrics = self.skip_fn(state, batch)
+            fn = self.skip_fn
+        if self.step_guard is None:
+            state, metrics = fn(state, batch)
         else:
-            state, metrics = self.step_fn(state, batch)
+            with self.step_guard():
+                state, metrics = jax.block_until_ready(fn(state, batch))
         return state, {**metrics, "_pos": after}
 
     def _after_dispatch(self, step: int, state: TrainState, t0: float, s0: int) -> bool:

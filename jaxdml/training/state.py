@@ -93,16 +93,24 @@ def to_host(tree: Any, device_index: int = 0) -> Any:
     return jax.tree.map(one, tree)
 
 
-def from_replica(tree: Any, device: jax.Device, mesh: Mesh) -> Any:
-    """Re-replicates a replicated pytree over `mesh` from the copy held by `device`
-    (a surviving device's replica: no checkpoint read)."""
+def from_replica(tree: Any, mesh: Mesh, source: jax.Device | None = None) -> Any:
+    """Re-replicates a replicated pytree over `mesh` from replicas that still exist.
+
+    Each device of `mesh` that this process holds keeps its own replica when it has
+    one (no copy at all); others get a copy of the replica on `source` (default: any
+    local one). No checkpoint is read and no process needs another's data, so the
+    survivors of a lost device or host rebuild their state from what they hold.
+    """
     rep = mesh_lib.replicated(mesh)
+    mine = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
 
     def one(x):
         if not isinstance(x, jax.Array):
-            return jax.device_put(x, rep)
-        shard = next(s for s in x.addressable_shards if s.device == device)
-        return jax.device_put(shard.data, rep)
+            x = jnp.asarray(x)
+        local = {s.device: s.data for s in x.addressable_shards}
+        src = local[source] if source in local else next(iter(local.values()))
+        bufs = [local[d] if d in local else jax.device_put(src, d) for d in mine]
+        return jax.make_array_from_single_device_arrays(x.shape, rep, bufs)
 
     return jax.tree.map(one, tree)
 

@@ -90,6 +90,7 @@ class Trainer:
         self.preempted = False
         self.skip_steps: set[int] = set()  # steps whose batch is set aside (after a rollback)
         self.observers: list = []  # extra on_metrics(step, row) callbacks (the supervisor's)
+        self.live_processes: list[int] | None = None  # set after a host loss: the survivors
         self.state: TrainState = self.restore_or_init()
 
     @property
@@ -162,6 +163,7 @@ class Trainer:
         num_steps: int | None = None,
         hooks: Sequence = (),
         should_stop=None,
+        step_guard=None,
     ) -> Loop:
         """A Loop over the current mesh that logs every finished step's metrics."""
         t = self.config.train
@@ -178,6 +180,7 @@ class Trainer:
             should_stop=should_stop,
             skip_fn=self.skip_fn,
             skip_steps=frozenset(self.skip_steps),
+            step_guard=step_guard,
         )
 
     def checkpoint_hooks(self) -> list[Periodic]:
@@ -295,7 +298,8 @@ def describe(result: dict[str, Any], events: list[dict] = ()) -> str:
     for e in shown:
         lost = e.get("seconds_lost")
         lines.append(
-            f"  step {e['step']:>5}  {e['kind']:<12} devices {e.get('devices', [])}  "
+            f"  step {e['step'] if e['step'] is not None else '-':>5}  {e['kind']:<12} "
+            f"devices {e.get('devices', [])}  "
             f"{e.get('action', '')}" + (f"  ({lost:.2f} s lost)" if lost is not None else "")
         )
     return "\n".join(lines)

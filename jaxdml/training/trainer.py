@@ -67,7 +67,7 @@ class Trainer:
             ds.x_train, ds.y_train, None if full else config.train.batch_size, config.seed
         )
         self.metrics = MetricsWriter(workdir, config.train.tensorboard)
-        self.events = EventLog(workdir)
+        self.events = EventLog(workdir, tensorboard=self.metrics.tensorboard)
         self.checkpointer = ckpt_lib.Checkpointer(
             workdir,
             max_to_keep=config.checkpoint.max_to_keep,

@@ -13,7 +13,6 @@ import collections
 import json
 import math
 import os
-from typing import Any
 
 from jaxdml.metrics import EventLog
 
@@ -54,44 +53,53 @@ def _read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def event_label(event: dict[str, Any]) -> str:
-    """A short label for one events.jsonl row: its kind and the seconds it cost.
+def _lead_color(events: list[dict]) -> str:
+    kinds = [e["kind"] for e in events]
+    return EVENT_COLORS.get(next((k for k in _PRECEDENCE if k in kinds), kinds[0]), "#7f7f7f")
+
+
+def _clusters(events: list[dict], gap: float) -> list[list[dict]]:
+    """Events in step order, split where the next one is more than `gap` steps after the
+    first of its cluster (their labels would overlap)."""
+    clusters: list[list[dict]] = []
+    for e in sorted(events, key=lambda e: int(e["step"])):
+        if clusters and int(e["step"]) - int(clusters[-1][0]["step"]) <= gap:
+            clusters[-1].append(e)
+        else:
+            clusters.append([e])
+    return clusters
+
+
+def cluster_label(events: list[dict]) -> str:
+    """One label for events close together: each kind once, with its count and the seconds
+    it lost; an injected fault is folded into the detection of the same kind.
 
     Args:
-      event: a row of events.jsonl.
+      events: rows of events.jsonl.
 
     Returns:
-      e.g. 'device_loss 0.42 s', 'injected nan', 'resumed'.
+      e.g. 'device_loss 0.42 s (injected)', 'injected bitflip / sdc 0.69 s', 'nan x3 0.01 s'.
     """
-    if event["kind"] == "fault_injected":
-        return f"injected {event.get('fault_kind', '?')}"
-    lost = event.get("seconds_lost")
-    return event["kind"] + (f" {lost:.2f} s" if isinstance(lost, int | float) else "")
-
-
-def _grouped_events(events: list[dict]) -> list[tuple[int, str, str]]:
-    """(step, colour, label) per step that has events, labels joined in log order."""
-    by_step: dict[int, list[dict]] = collections.defaultdict(list)
+    injected = {e.get("fault_kind") for e in events if e["kind"] == "fault_injected"}
+    detected = {e["kind"] for e in events if e["kind"] != "fault_injected"}
+    parts: dict[str, list] = {}  # label key -> [count, seconds lost or None]
     for e in events:
-        by_step[int(e["step"])].append(e)
-    out = []
-    for step in sorted(by_step):
-        kinds = [e["kind"] for e in by_step[step]]
-        lead = next((k for k in _PRECEDENCE if k in kinds), kinds[0])
-        color = EVENT_COLORS.get(lead, "#7f7f7f")
-        out.append((step, color, _step_label(by_step[step])))
-    return out
-
-
-def _step_label(events: list[dict]) -> str:
-    """The events of one step, an injected fault folded into its detection of the same kind."""
-    injected = [e.get("fault_kind") for e in events if e["kind"] == "fault_injected"]
+        if e["kind"] == "fault_injected":
+            if e.get("fault_kind") in detected:
+                continue
+            key = f"injected {e.get('fault_kind', '?')}"
+        else:
+            key = e["kind"]
+        part = parts.setdefault(key, [0, None])
+        part[0] += 1
+        if isinstance(e.get("seconds_lost"), int | float):
+            part[1] = (part[1] or 0.0) + e["seconds_lost"]
     labels = []
-    for e in events:
-        if e["kind"] == "fault_injected" and any(o["kind"] == e.get("fault_kind") for o in events):
-            continue
-        folded = e["kind"] != "fault_injected" and e["kind"] in injected
-        labels.append(event_label(e) + (" (injected)" if folded else ""))
+    for key, (n, seconds) in parts.items():
+        text = (
+            key + (f" x{n}" if n > 1 else "") + (f" {seconds:.2f} s" if seconds is not None else "")
+        )
+        labels.append(text + (" (injected)" if key in injected else ""))
     return " / ".join(labels)
 
 
@@ -109,16 +117,20 @@ def _title(workdir: str, result: dict) -> str:
     return f"{title}  ({', '.join(parts)})" if parts else title
 
 
-def _mark_events(axes, grouped: list[tuple[int, str, str]]) -> None:
+def _mark_events(axes, events: list[dict], last_step: int) -> None:
+    by_step: dict[int, list[dict]] = collections.defaultdict(list)
+    for e in events:
+        by_step[int(e["step"])].append(e)
     for ax in axes:
-        for step, color, _ in grouped:
-            ax.axvline(step, color=color, lw=1.0, ls="--", alpha=0.8)
+        for step, at_step in by_step.items():
+            ax.axvline(step, color=_lead_color(at_step), lw=1.0, ls="--", alpha=0.8)
     top = axes[0]
-    for i, (step, color, label) in enumerate(grouped):
-        # Alternate the label's height so that neighbouring events stay readable.
+    for i, cluster in enumerate(_clusters(events, gap=0.01 * max(last_step, 1))):
+        # Alternate the label's height so that neighbouring clusters stay readable.
         y = 0.98 if i % 2 == 0 else 0.60
-        top.text(step, y, label, transform=top.get_xaxis_transform(), rotation=90,
-                 va="top", ha="right", fontsize=7, color=color)  # fmt: skip
+        top.text(int(cluster[0]["step"]), y, cluster_label(cluster), rotation=90, va="top",
+                 ha="right", fontsize=7, color=_lead_color(cluster),
+                 transform=top.get_xaxis_transform())  # fmt: skip
 
 
 def plot_run(workdir: str, out: str | None = None, title: str | None = None):
@@ -128,7 +140,8 @@ def plot_run(workdir: str, out: str | None = None, title: str | None = None):
     set-aside steps are gaps). Bottom panel: batch accuracy per step, plus train/test accuracy where
     `train.eval_every` recorded them and the final test accuracy of result.json.
     Each step with events gets a dashed vertical line coloured by its most severe
-    event and labelled with every event's kind and seconds lost.
+    event; events within 1% of the run's steps share one label naming each kind, its
+    count and the seconds it lost.
 
     Args:
       workdir: a run folder (metrics.jsonl, events.jsonl, optional result.json).
@@ -169,7 +182,7 @@ def plot_run(workdir: str, out: str | None = None, title: str | None = None):
     acc_ax.set_ylabel("accuracy")
     acc_ax.set_xlabel("step")
     acc_ax.legend(loc="lower right", fontsize=8)
-    _mark_events((loss_ax, acc_ax), _grouped_events(events))
+    _mark_events((loss_ax, acc_ax), events, max((r["step"] for r in rows), default=1))
     fig.suptitle(title or _title(workdir, result), fontsize=10)
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

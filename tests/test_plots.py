@@ -32,19 +32,34 @@ def faulty_run(tmp_path_factory):
     return workdir
 
 
-def test_plot_run_writes_a_png_with_every_event_labelled(faulty_run, tmp_path):
+def test_plot_run_writes_a_png_with_every_event_marked_and_labelled(faulty_run, tmp_path):
     out = tmp_path / "sub" / "run.png"
     fig = plots.plot_run(str(faulty_run), out=str(out))
     assert out.read_bytes()[:8] == PNG_SIGNATURE and out.stat().st_size > 10_000
-    labels = [t.get_text() for t in fig.axes[0].texts]
-    assert labels[0] == "injected nan"  # events in step order
-    text = " ".join(labels)
-    for kind in ("injected nan", "device_loss", "injected bitflip", "sdc"):
-        assert kind in text
     events = [json.loads(x) for x in (faulty_run / "events.jsonl").read_text().splitlines()]
-    assert len(fig.axes[0].lines) == 1 + len({e["step"] for e in events})  # loss + one per step
-    recovery = next(e for e in events if e["kind"] == "device_loss")
-    assert f"device_loss {recovery['seconds_lost']:.2f} s (injected)" in labels
+    loss_ax = fig.axes[0]
+    marked = sorted({int(line.get_xdata()[0]) for line in loss_ax.lines[1:]})
+    assert marked == sorted({e["step"] for e in events})  # a line at every event's step
+    labels = [t.get_text() for t in loss_ax.texts]
+    seconds = {e["kind"]: e["seconds_lost"] for e in events if "seconds_lost" in e}
+    assert labels[0] == f"nan {seconds['nan']:.2f} s (injected)"  # nan@30 and its detection
+    assert f"device_loss {seconds['device_loss']:.2f} s (injected)" in labels
+    assert "injected bitflip" in labels  # the flip, then its detection at the next check
+    assert any(label.startswith(f"sdc {seconds['sdc']:.2f} s") for label in labels)
+
+
+def test_nearby_events_share_one_label_with_counts():
+    events = [
+        {"kind": "fault_injected", "fault_kind": "nan", "step": 10},
+        {"kind": "nan", "step": 11, "seconds_lost": 0.25},
+        {"kind": "nan", "step": 12, "seconds_lost": 0.5},
+        {"kind": "rollback", "step": 12, "seconds_lost": 1.0},
+        {"kind": "resumed", "step": 400},
+    ]
+    clusters = plots._clusters(events, gap=5)
+    assert [len(c) for c in clusters] == [4, 1]
+    assert plots.cluster_label(clusters[0]) == "nan x2 0.75 s (injected) / rollback 1.00 s"
+    assert plots.cluster_label(clusters[1]) == "resumed"
 
 
 def test_accuracy_panel_shows_the_evaluations(faulty_run):

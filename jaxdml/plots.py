@@ -126,9 +126,9 @@ def _mark_events(axes, events: list[dict], last_step: int) -> None:
             ax.axvline(step, color=_lead_color(at_step), lw=1.0, ls="--", alpha=0.8)
     top = axes[0]
     for i, cluster in enumerate(_clusters(events, gap=0.01 * max(last_step, 1))):
-        # Alternate the label's height so that neighbouring clusters stay readable.
-        y = 0.98 if i % 2 == 0 else 0.60
-        top.text(int(cluster[0]["step"]), y, cluster_label(cluster), rotation=90, va="top",
+        # Alternate top and bottom, so that neighbouring clusters' labels do not overlap.
+        y, va = (0.98, "top") if i % 2 == 0 else (0.02, "bottom")
+        top.text(int(cluster[0]["step"]), y, cluster_label(cluster), rotation=90, va=va,
                  ha="right", fontsize=7, color=_lead_color(cluster),
                  transform=top.get_xaxis_transform())  # fmt: skip
 

@@ -100,4 +100,5 @@ def test_quick_benchmark_writes_every_section_and_valid_plots(tmp_path, bench):
     assert raw["recovery"]["outcomes"]["device_loss"]["lost_steps"] == 0
     assert all(r["completed"] for r in raw["goodput"]["runs"].values())
     assert raw["goodput"]["runs"]["with faults"]["faults"] >= 2
+    assert 0 < raw["goodput"]["goodput"]["accounted"] < 1
     assert raw["scaling"]["slopes"]["step_time_vs_rows"] > 0.5

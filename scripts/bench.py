@@ -80,6 +80,7 @@ class Settings:
 
     overhead_problems: tuple  # (name, rows or 0 for the seed data, steps)
     overhead_repeats: int
+    overhead_breakdown: bool  # also time each protection alone
     ckpt_sizes_mb: tuple
     ckpt_repeats: int
     ckpt_steps: int
@@ -98,6 +99,7 @@ class Settings:
 FULL = Settings(
     overhead_problems=(("seed 8k x 20", 0, 2000), ("synthetic 200k x 20", 250_000, 400)),
     overhead_repeats=5,
+    overhead_breakdown=True,
     ckpt_sizes_mb=(10, 100, 1000),
     ckpt_repeats=3,
     ckpt_steps=60,
@@ -124,6 +126,7 @@ FULL = Settings(
 QUICK = Settings(
     overhead_problems=(("seed 8k x 20", 0, 300),),
     overhead_repeats=3,
+    overhead_breakdown=False,
     ckpt_sizes_mb=(1, 10),
     ckpt_repeats=2,
     ckpt_steps=20,
@@ -193,20 +196,29 @@ def _progress(iterable, desc: str, total: int | None = None):
 # --------------------------------------------------------------------------- overhead
 
 
-def _overhead_config(rows: int, steps: int, protected: bool):
+# Overhead variants: (supervisor on, checkpoint every 100 steps, fingerprints every 50 steps +
+# watchdog). "bare" is the hand-written loop; the *_only variants split the protections' cost.
+OVERHEAD_VARIANTS = {
+    "plain": (False, False, False),
+    "checkpoint_only": (True, True, False),
+    "fingerprints_only": (True, False, True),
+    "protected": (True, True, True),
+}
+
+
+def _overhead_config(rows: int, steps: int, variant: str):
     from configs import seed_logreg
 
+    supervised, checkpoints, checks = OVERHEAD_VARIANTS[variant]
     c = seed_logreg.get_config()
     if rows:  # a larger generated problem (the seed data is sklearn's, 10k rows)
         c.data.source, c.data.n_samples, c.data.n_informative = "synthetic", rows, 5
     c.train.num_steps = steps
     c.train.log_every = 10**9
-    if protected:
-        c.checkpoint.every_steps = 100  # async Orbax save
-        c.supervisor.fingerprint_every = 50  # replica fingerprints (SDC)
-        c.supervisor.watchdog_secs = 60.0  # step watchdog thread
-    else:
-        c.supervisor.enabled = False
+    c.supervisor.enabled = supervised
+    c.checkpoint.every_steps = 100 if checkpoints else 0  # async Orbax save
+    c.supervisor.fingerprint_every = 50 if checks else 0  # replica fingerprints (SDC)
+    c.supervisor.watchdog_secs = 60.0 if checks else 0.0  # step watchdog thread
     return c
 
 
@@ -289,27 +301,26 @@ def _overhead_problem(ctx: Context, name: str, rows: int, steps: int) -> dict:
     from jaxdml.data import load_dataset
 
     devices = jax.devices()[:4]
-    configs = {
-        "protected": _overhead_config(rows, steps, True),
-        "plain": _overhead_config(rows, steps, False),
-    }
+    kinds = ["bare", "plain", "protected"]
+    if ctx.settings.overhead_breakdown:
+        kinds[2:2] = ["checkpoint_only", "fingerprints_only"]
+    configs = {k: _overhead_config(rows, steps, k) for k in kinds if k != "bare"}
     ds = load_dataset(configs["plain"].data)
     lr = configs["plain"].train.learning_rate
-    warm = max(10, steps // 10)
-    rates = collections.defaultdict(list)
-    losses = {}
+    warm = max(110, steps // 10)  # past compiling the step, the first save and the first check
+    rates, losses = collections.defaultdict(list), {}
     for r in _progress(range(ctx.settings.overhead_repeats), f"overhead {name}"):
-        order = ["bare", "plain", "protected"]
-        for kind in order if r % 2 == 0 else order[::-1]:  # interleaved: drift hits all alike
+        for kind in kinds if r % 2 == 0 else kinds[::-1]:  # interleaved: drift hits all alike
             if kind == "bare":
                 rate, losses[kind] = bare_loop(ds.x_train, ds.y_train, devices, lr, steps, warm)
             else:
                 workdir = os.path.join(ctx.work, "overhead", f"{name}-{kind}-{r}".replace(" ", ""))
                 rate, losses[kind] = _time_trainer(configs[kind], ds, devices, workdir, warm)
             rates[kind].append(rate)
-    ratios = [p / b for p, b in zip(rates["protected"], rates["bare"], strict=True)]
-    plain_ratios = [p / b for p, b in zip(rates["plain"], rates["bare"], strict=True)]
-    protection = [p / b for p, b in zip(rates["protected"], rates["plain"], strict=True)]
+
+    def ratio(a: str, b: str) -> float:  # median of the per-repeat ratios
+        return _median([x / y for x, y in zip(rates[a], rates[b], strict=True)])
+
     return {
         "problem": name,
         "rows": len(ds.x_train),
@@ -318,72 +329,67 @@ def _overhead_problem(ctx: Context, name: str, rows: int, steps: int) -> dict:
         "devices": 4,
         "rates": dict(rates),
         "median_rate": {k: _median(v) for k, v in rates.items()},
-        "protected_over_bare": _median(ratios),
-        "plain_over_bare": _median(plain_ratios),
-        "protected_over_plain": _median(protection),
+        "protected_over_bare": ratio("protected", "bare"),
+        "plain_over_bare": ratio("plain", "bare"),
+        "over_plain": {k: ratio(k, "plain") for k in kinds if k not in ("bare", "plain")},
         "final_loss": losses,
     }
 
 
 def section_overhead(ctx: Context) -> Section:
     results = [_overhead_problem(ctx, *p) for p in ctx.settings.overhead_problems]
-    ctx.shared["overhead"] = results
+    split = ctx.settings.overhead_breakdown
+    header = ["problem", "steps", "bare steps/s", "plain steps/s", "protected steps/s",
+              "plain/bare", "protected/bare", "protected/plain"]  # fmt: skip
+    if split:
+        header += ["checkpoint only/plain", "fingerprints+watchdog only/plain"]
     rows = []
     for r in results:
-        m = r["median_rate"]
-        rows.append(
-            [
-                r["problem"],
-                r["steps"],
-                f"{m['bare']:.0f}",
-                f"{m['plain']:.0f}",
-                f"{m['protected']:.0f}",
-                f"{r['plain_over_bare']:.2f}",
-                f"**{r['protected_over_bare']:.2f}**",
-                f"{r['protected_over_plain']:.2f}",
-                f"{r['final_loss']['bare']:.5f} / {r['final_loss']['protected']:.5f}",
-            ]
-        )
-    body = (
-        f"Full-batch logistic-regression GD on 4 simulated CPU devices, "
-        f"{ctx.settings.overhead_repeats} repeats interleaved (bare, plain, protected; the order "
-        "alternates), steps/s measured from step `warm` (compilation excluded) to the last "
-        "step, median per variant; the ratio is the median of the per-repeat ratios.\n\n"
-        "- **bare**: a hand-written jitted `jax.shard_map` + `psum` + optax loop, dispatch "
-        "depth 2, nothing else (`bare_loop` in scripts/bench.py).\n"
-        "- **plain**: `jaxdml.Trainer.fit()` without the supervisor: batcher, metrics.jsonl "
-        "row per step, NaN guard (always on in the step).\n"
-        "- **protected**: `jaxdml.train` path with the supervisor and every protection: async "
-        "checkpoint every 100 steps, NaN guard, replica fingerprints every 50 steps, step "
-        "watchdog.\n\n"
-        "*plain/bare* is the cost of the Trainer's loop and of the metrics its step computes "
-        "(batch accuracy, an extra pass over X; gradient and parameter norms; a metrics row "
-        "fetched and written per step); *protected/plain* is the cost of the protections. "
-        "Equal final losses show that both loops train the same model on the same data.\n\n"
-        + _table(
-            [
-                "problem",
-                "steps",
-                "bare steps/s",
-                "plain steps/s",
-                "protected steps/s",
-                "plain/bare",
-                "protected/bare",
-                "protected/plain",
-                "final loss bare / ours",
-            ],
-            rows,
-        )
+        m, over = r["median_rate"], r["over_plain"]
+        row = [r["problem"], r["steps"], f"{m['bare']:.0f}", f"{m['plain']:.0f}",
+               f"{m['protected']:.0f}", f"{r['plain_over_bare']:.2f}",
+               f"**{r['protected_over_bare']:.2f}**", f"{over['protected']:.2f}"]  # fmt: skip
+        if split:
+            row += [f"{over['checkpoint_only']:.2f}", f"{over['fingerprints_only']:.2f}"]
+        rows.append(row)
+    losses = "; ".join(
+        f"{r['problem']}: bare {r['final_loss']['bare']:.6f}, "
+        f"protected {r['final_loss']['protected']:.6f}"
+        for r in results
     )
+    body = OVERHEAD_TEXT.format(repeats=ctx.settings.overhead_repeats) + _table(header, rows)
+    body += f"\n\nFinal losses (the same model and data in both loops): {losses}."
     return Section("overhead", body, {"problems": results}, [_plot_overhead(ctx, results)])
+
+
+OVERHEAD_TEXT = (
+    "Full-batch logistic-regression GD on 4 simulated CPU devices, {repeats} repeats "
+    "interleaved (the order of the variants alternates), steps/s from step `warm` (past "
+    "step 110: the compilation of the step, the first checkpoint and the first fingerprint "
+    "check are excluded) to the last step, median per variant; ratios are medians of "
+    "the per-repeat ratios.\n\n"
+    "- **bare**: a hand-written jitted `jax.shard_map` + `psum` + optax loop, dispatch "
+    "depth 2, nothing else (`bare_loop` in scripts/bench.py).\n"
+    "- **plain**: `jaxdml.Trainer.fit()` without the supervisor: batcher, NaN guard (always "
+    "on in the step), the step's metrics (batch accuracy, an extra pass over X; gradient and "
+    "parameter norms), a metrics row fetched and written per step.\n"
+    "- **protected**: the `jaxdml.train` path, supervisor and every protection: async "
+    "checkpoint every 100 steps, NaN guard, replica fingerprints every 50 steps, step "
+    "watchdog. The full run also times the checkpoints alone and the fingerprints and "
+    "watchdog alone, each under the supervisor.\n\n"
+)
 
 
 def _plot_overhead(ctx: Context, results: list[dict]) -> str:
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.5), squeeze=False)
+    names = {"checkpoint_only": "ckpt\nonly", "fingerprints_only": "fp+wd\nonly"}
+    colors = {"bare": "#7f7f7f", "plain": "#1f77b4", "protected": "#d62728"}
     for ax, r in zip(axes[0], results, strict=True):
-        kinds = ["bare", "plain", "protected"]
-        ax.bar(kinds, [r["median_rate"][k] for k in kinds], color=["#7f7f7f", "#1f77b4", "#d62728"])
+        kinds = list(r["rates"])
+        labels = [names.get(k, k) for k in kinds]
+        heights = [r["median_rate"][k] for k in kinds]
+        ax.bar(labels, heights, color=[colors.get(k, "#ff7f0e") for k in kinds])
         for i, k in enumerate(kinds):
             ax.scatter([i] * len(r["rates"][k]), r["rates"][k], color="k", s=8, zorder=3)
         ax.set_title(f"{r['problem']}: protected/bare = {r['protected_over_bare']:.2f}", fontsize=9)

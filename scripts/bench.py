@@ -587,21 +587,20 @@ def section_recovery(ctx: Context) -> Section:
     s = ctx.settings
     f = int(0.55 * s.recovery_steps) + 3  # not a checkpoint step: a crash loses some steps
     kinds = list(s.recovery_kinds)
-    hot = [k for k in kinds if not k.endswith("_cold")]
-    plans = [RECOVERY_PLANS[k][0].format(f=f, f4=f + 4) for k in hot]
+    supervised = [k for k in kinds if not k.endswith("_cold")]  # run through run_matrix
+    plans = [RECOVERY_PLANS[k][0].format(f=f, f4=f + 4) for k in supervised]
     command = _train_command(s.recovery_steps)
     base = os.path.join(ctx.work, "recovery")
     outcomes = chaos.run_matrix(command, base, plans, progress=True)
     ref = outcomes[0]
-    ctx.shared["reference_run"] = os.path.join(base, "fault_free")
-    by_kind = dict(zip(hot, outcomes[1:], strict=True))
+    ref_dir = os.path.join(base, "fault_free")
+    by_kind = dict(zip(supervised, outcomes[1:], strict=True))
     for k in kinds:
         if k.endswith("_cold"):
             plan = RECOVERY_PLANS[k][0].format(f=f, f4=f + 4)
-            by_kind[k] = _cold_outcome(
-                command, base, plan, ctx.shared["reference_run"], ref.wall_seconds
-            )
+            by_kind[k] = _cold_outcome(command, base, plan, ref_dir, ref.wall_seconds)
     rows = [_recovery_row(k, by_kind[k]) for k in kinds]
+    host_loss, ok = _run_script_if_present(ctx, "bench_recovery")
     body = (
         f"The seed config (4 simulated devices, {s.recovery_steps} steps, checkpoint and "
         f"fingerprints every 25 steps, watchdog 5 s), one fault after step {f}, each plan run "
@@ -628,15 +627,16 @@ def section_recovery(ctx: Context) -> Section:
         )
         + "\n\n"
         + RECOVERY_NOTES
-        + "\n\n"
-        + _run_script_if_present(ctx, "bench_recovery", "Host loss, hot vs cold")
+        + "\n\n### Host loss, hot vs cold\n\n"
+        + host_loss
     )
     data = {
         "fault_step": f,
         "reference_wall_s": ref.wall_seconds,
         "outcomes": {k: dataclasses.asdict(o) for k, o in by_kind.items()},
     }
-    return Section("recovery", body, data, [_plot_recovery(ctx, kinds, by_kind)])
+    plots = [_plot_recovery(ctx, kinds, by_kind)]
+    return Section("recovery", body, data, plots, failed=not ok)
 
 
 def _recovery_row(kind: str, o) -> list:
@@ -841,29 +841,38 @@ def _goodput_body(s: Settings, rate, steps, plan, clean, faulty, goodput) -> str
 # ----------------------------------------------------------------------------- models
 
 
-def _run_script_if_present(ctx: Context, name: str, heading: str) -> str:
-    """Runs scripts/<name>.py (with --quick when it defines that flag) and returns its
-    stdout as a markdown subsection, or says it is not available yet."""
+def _run_script_if_present(ctx: Context, name: str) -> tuple[str, bool]:
+    """Runs scripts/<name>.py (with --quick when it defines that flag).
+
+    Returns:
+      (markdown: the command and its stdout, a failure with its stderr, or 'not available
+      yet' when the script does not exist; whether it did not fail).
+    """
     path = os.path.join(REPO, "scripts", f"{name}.py")
     if not os.path.exists(path):
-        return f"### {heading}\n\n`scripts/{name}.py`: not available yet."
+        return f"`scripts/{name}.py`: not available yet.", True
     with open(path) as f:
         source = f.read()
     cmd = [sys.executable, path]
     if ctx.quick and '"quick"' in source:
         cmd.append("--quick")
-    proc = subprocess.run(
-        cmd, cwd=REPO, capture_output=True, text=True, timeout=ctx.settings.script_timeout
-    )
+    shown = f"`python {' '.join([f'scripts/{name}.py', *cmd[2:]])}`"
+    try:
+        proc = subprocess.run(
+            cmd, cwd=REPO, capture_output=True, text=True, timeout=ctx.settings.script_timeout
+        )
+    except subprocess.TimeoutExpired:
+        return f"{shown} **timed out** after {ctx.settings.script_timeout:.0f} s.", False
     ctx.shared[name] = {"command": cmd[1:], "returncode": proc.returncode}
     if proc.returncode != 0:
-        raise RuntimeError(f"scripts/{name}.py exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-    return f"### {heading}\n\n`python {' '.join(cmd[1:])}`:\n\n{proc.stdout.strip()}"
+        tail = proc.stderr[-3000:]
+        return f"{shown} **failed** (exit {proc.returncode}):\n\n```\n{tail}\n```", False
+    return f"{shown}:\n\n{proc.stdout.strip()}", True
 
 
 def section_models(ctx: Context) -> Section:
-    text = _run_script_if_present(ctx, "bench_models", "scripts/bench_models.py")
-    return Section("models", text.split("\n\n", 1)[1], dict(ctx.shared.get("bench_models", {})))
+    text, ok = _run_script_if_present(ctx, "bench_models")
+    return Section("models", text, dict(ctx.shared.get("bench_models", {})), failed=not ok)
 
 
 # ---------------------------------------------------------------------------- scaling

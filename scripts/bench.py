@@ -139,7 +139,7 @@ QUICK = Settings(
     scaling_devices=(1, 2, 4, 8),
     scaling_device_rows=200_000,
     scaling_seconds=0.3,
-    script_timeout=120.0,
+    script_timeout=300.0,
 )
 
 
@@ -842,7 +842,8 @@ def _goodput_body(s: Settings, rate, steps, plan, clean, faulty, goodput) -> str
 
 
 def _run_script_if_present(ctx: Context, name: str) -> tuple[str, bool]:
-    """Runs scripts/<name>.py (with --quick when it defines that flag).
+    """Runs scripts/<name>.py; under --quick with its --quick flag, or else with
+    --repeats=1 when it has that flag.
 
     Returns:
       (markdown: the command and its stdout, a failure with its stderr, or 'not available
@@ -856,6 +857,8 @@ def _run_script_if_present(ctx: Context, name: str) -> tuple[str, bool]:
     cmd = [sys.executable, path]
     if ctx.quick and '"quick"' in source:
         cmd.append("--quick")
+    elif ctx.quick and '"repeats"' in source:
+        cmd.append("--repeats=1")
     shown = f"`python {' '.join([f'scripts/{name}.py', *cmd[2:]])}`"
     try:
         proc = subprocess.run(

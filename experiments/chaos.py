@@ -28,7 +28,7 @@ def main(argv: list[str]) -> None:
     plans = [p for p in _PLANS.value.split(";") if p] or list(chaos.DEFAULT_PLANS)
     command = [sys.executable, "-m", "experiments.train", f"--config={_CONFIG.value}"]
     command += [o if o.startswith("--") else f"--{o}" for o in _OVERRIDES.value]
-    outcomes = chaos.run_matrix(command, _WORKDIR.value, plans)
+    outcomes = chaos.run_matrix(command, _WORKDIR.value, plans, progress=True)
     text = chaos.table(outcomes)
     print(text)
     os.makedirs(_WORKDIR.value, exist_ok=True)

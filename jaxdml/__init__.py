@@ -1,4 +1,14 @@
-"""jaxdml: fault-tolerant data-parallel machine learning in JAX."""
+"""jaxdml: fault-tolerant data-parallel machine learning in JAX.
+
+The research API:
+
+  jaxdml.default_config()       the config schema (ml_collections), every field commented
+  jaxdml.train(config, workdir) a whole supervised run; returns result.json's content
+  jaxdml.Trainer(config, workdir)
+      .run_steps(n) / .evaluate() / .state / .fit()   step-by-step use (notebooks)
+  jaxdml.faults.parse(plan)     a fault plan string -> Faults ("nan@60,device_loss@100:3")
+  jaxdml.plots.plot_run(workdir) loss/accuracy curves with every event marked (extra 'plots')
+"""
 
 from __future__ import annotations
 

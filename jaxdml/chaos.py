@@ -119,14 +119,23 @@ def _rel_diff(a: dict, b: dict) -> float:
     return max(float(np.max(np.abs(a[k] - b[k]) / np.maximum(np.abs(b[k]), 1e-6))) for k in b)
 
 
-def run_matrix(command: list[str], base_dir: str, plans=DEFAULT_PLANS) -> list[PlanOutcome]:
-    """Runs the fault-free reference and every plan; returns one outcome per plan."""
+def run_matrix(
+    command: list[str], base_dir: str, plans=DEFAULT_PLANS, progress: bool = False
+) -> list[PlanOutcome]:
+    """Runs the fault-free reference and every plan; returns one outcome per plan
+    (the first is the reference). `progress` shows a tqdm bar on stderr."""
+    from tqdm import tqdm
+
     command = [*command, *CHAOS_OVERRIDES]
     ref_dir = os.path.join(base_dir, "fault_free")
+    bar = tqdm(total=len(plans) + 1, desc="chaos plans", disable=not progress, leave=False)
     _, ref_wall = run_plan(command, ref_dir, "")
+    bar.update()
     ref = _params(ref_dir)
     outcomes = []
     for i, plan in enumerate(["", *plans]):
+        if plan:
+            bar.set_postfix_str(plan[:40])
         workdir = ref_dir if not plan else os.path.join(base_dir, f"plan{i:02d}")
         codes, wall = ([0], ref_wall) if not plan else run_plan(command, workdir, plan)
         result_path = os.path.join(workdir, "result.json")
@@ -147,6 +156,9 @@ def run_matrix(command: list[str], base_dir: str, plans=DEFAULT_PLANS) -> list[P
                 goodput=ref_wall / wall if wall else None,
             )
         )
+        if plan:
+            bar.update()
+    bar.close()
     return outcomes
 
 

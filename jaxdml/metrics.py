@@ -66,6 +66,11 @@ class MetricsWriter(JsonlWriter):
             else:
                 self._tb = SummaryWriter(os.path.join(workdir, "tb"))
 
+    @property
+    def tensorboard(self):
+        """The tensorboardX SummaryWriter (None when TensorBoard is off or not installed)."""
+        return self._tb
+
     def truncate_after(self, step: int) -> None:
         """Drops rows past `step`: a resumed run redoes those steps and logs them again."""
         kept = [r for r in self.rows() if r.get("step", 0) <= step]
@@ -89,11 +94,21 @@ class MetricsWriter(JsonlWriter):
 
 
 class EventLog(JsonlWriter):
-    """events.jsonl: one line per fault, recovery or lifecycle event."""
+    """events.jsonl: one line per fault, recovery or lifecycle event.
 
-    def __init__(self, workdir: str, clock=time.time):
+    Args:
+      workdir: run folder.
+      clock: wall clock (injectable for tests).
+      tensorboard: a tensorboardX SummaryWriter to mirror events to (the
+        MetricsWriter's), or None. Each event becomes a scalar at its step,
+        `faults/<kind>` = 1 for an injected fault and `events/<kind>` = seconds
+        lost (0 when none) for the rest, plus its JSON line as text under `events`.
+    """
+
+    def __init__(self, workdir: str, clock=time.time, tensorboard=None):
         super().__init__(os.path.join(workdir, "events.jsonl"))
         self._clock = clock
+        self.tensorboard = tensorboard
 
     @staticmethod
     def read(workdir: str) -> list[dict]:
@@ -103,7 +118,18 @@ class EventLog(JsonlWriter):
     def record(self, kind: str, step: int, **fields: Any) -> dict:
         row = {"time": self._clock(), "kind": kind, "step": int(step), **fields}
         self.write(row)
+        if self.tensorboard is not None:
+            self._mirror(row)
         return row
+
+    def _mirror(self, row: dict) -> None:
+        tb, step = self.tensorboard, row["step"]
+        if row["kind"] == "fault_injected":
+            tb.add_scalar(f"faults/{row.get('fault_kind', 'unknown')}", 1.0, step)
+        else:
+            tb.add_scalar(f"events/{row['kind']}", float(row.get("seconds_lost") or 0.0), step)
+        tb.add_text("events", json.dumps({k: _jsonable(v) for k, v in row.items()}), step)
+        tb.flush()  # events are rare, and a hang or kill may follow at once
 
 
 def write_result(workdir: str, result: dict) -> None:

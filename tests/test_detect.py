@@ -57,6 +57,17 @@ def test_replica_fingerprints_find_the_flipped_device():
     assert value in (0.25 * 256, 0.25 / 256)
 
 
+def test_replica_fingerprints_compile_once_per_mesh():
+    mesh = make_mesh(jax.devices()[:4])
+    params = jax.device_put({"w": jnp.ones((5, 3))}, replicated(mesh))
+    fn = detect._replica_fingerprint_fn(mesh)
+    before = fn._cache_size()
+    for scale in (1.0, 2.0, 3.0):
+        detect.replica_fingerprints(jax.tree.map(lambda x, s=scale: x * s, params), mesh)
+    assert detect._replica_fingerprint_fn(mesh) is fn
+    assert fn._cache_size() == before + 1  # compiled for this tree once, not per check
+
+
 def test_majority_needs_more_than_half():
     fps = np.array([[1, 1], [2, 2]])
     assert detect.majority(fps, [0, 1]) == ([], [0, 1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -126,6 +127,14 @@ def replica_fingerprints(tree: Any, mesh) -> np.ndarray:
     Under shard_map every device hashes its local buffer, so a replica that differs
     (a flipped bit, silent data corruption) gets a different row.
     """
+    fn = _replica_fingerprint_fn(mesh)
+    return np.asarray(jax.device_get(fn(tree))).reshape(-1, 2)
+
+
+@functools.lru_cache(maxsize=16)
+def _replica_fingerprint_fn(mesh):
+    """The jitted per-replica fingerprint for `mesh`, built once per mesh: a new closure
+    per call would be compiled again at every check."""
     from jax.sharding import PartitionSpec as P
 
     axis = mesh.axis_names[0]
@@ -133,8 +142,7 @@ def replica_fingerprints(tree: Any, mesh) -> np.ndarray:
     def local(t):
         return fingerprint(jax.lax.pcast(t, axis, to="varying"))[None]
 
-    fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P(), out_specs=P(axis)))
-    return np.asarray(jax.device_get(fn(tree))).reshape(-1, 2)
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P(), out_specs=P(axis)))
 
 
 def majority(fingerprints: np.ndarray, device_ids: list[int]) -> tuple[list[int], list[int]]:

@@ -39,7 +39,17 @@ class Trainer:
     """One training run: everything built from `config`, written to `workdir`.
 
     Use `fit()` for a whole run, or `run_steps(n)` to advance step by step
-    (notebooks). `state` is the one TrainState pytree.
+    (notebooks). `state` is the one TrainState pytree (params, optimizer state,
+    step, RNG key, data position); building a Trainer on a workdir that holds
+    checkpoints resumes from the newest valid one.
+
+        from jaxdml.supervisor import Supervisor
+
+        trainer = jaxdml.Trainer(config, "/tmp/run")
+        trainer.run_steps(50)          # the metrics row of step 50
+        trainer.evaluate()             # {'train_accuracy': ..., 'test_accuracy': ...}
+        trainer.state.params           # replicated over trainer.mesh
+        result = trainer.fit(Supervisor(config))  # the remaining steps, supervised
     """
 
     def __init__(
@@ -71,7 +81,7 @@ class Trainer:
         # Process 0 writes the run's records; the others keep theirs apart, per process.
         records = workdir if distributed.is_coordinator() else _process_dir(workdir)
         self.metrics = MetricsWriter(records, config.train.tensorboard)
-        self.events = EventLog(records)
+        self.events = EventLog(records, tensorboard=self.metrics.tensorboard)
         self.checkpointer = ckpt_lib.Checkpointer(
             workdir,
             max_to_keep=config.checkpoint.max_to_keep,
@@ -167,7 +177,7 @@ class Trainer:
     ) -> Loop:
         """A Loop over the current mesh that logs every finished step's metrics."""
         t = self.config.train
-        return Loop(
+        self._loop = Loop(
             self.step_fn,
             self.batcher,
             self.mesh,
@@ -182,6 +192,7 @@ class Trainer:
             skip_steps=frozenset(self.skip_steps),
             step_guard=step_guard,
         )
+        return self._loop
 
     def checkpoint_hooks(self) -> list[Periodic]:
         """The periodic checkpoint save, as the config asks (empty when off)."""
@@ -195,7 +206,8 @@ class Trainer:
         self._last_metrics = row
         every = self.config.train.eval_every
         if every and step % every == 0:
-            row.update(self.evaluate())
+            # The state of this very step: self.state is only updated when the loop returns.
+            row.update(self.evaluate(self._loop.last_good[1]))
         self.metrics.write(row)
         for observe in self.observers:
             observe(step, row)
@@ -203,14 +215,29 @@ class Trainer:
             logging.info("step %d  loss %.5f  grad_norm %.3g", step, row["loss"], row["grad_norm"])
 
     def run_steps(self, n: int) -> dict:
-        """Advances `n` steps (not past num_steps); returns the last step's metrics."""
+        """Advances `n` steps with the plain loop (no supervisor, no periodic checkpoints).
+
+        Stops at `config.train.num_steps`; a later `fit()` continues from `state.step`.
+        Faults in `config.faults` still fire, and without a supervisor a lost device
+        raises here; use `fit()` or `jaxdml.train` for recovery.
+
+        Args:
+          n: steps to run.
+
+        Returns:
+          The metrics row of the last finished step (loss, batch_accuracy, ...).
+        """
         target = min(int(to_host(self.state.step)) + n, self.num_steps)
         self.state = self.make_loop(target).run(self.state)
         return self._last_metrics
 
-    def evaluate(self) -> dict:
-        """Train and test accuracy of the current parameters."""
-        params = to_host(self.state.params)
+    def evaluate(self, state: TrainState | None = None) -> dict:
+        """Train and test accuracy of `state`'s parameters (default: the current state).
+
+        Returns:
+          {'train_accuracy': float, 'test_accuracy': float}.
+        """
+        params = to_host((self.state if state is None else state).params)
         predict = jax.jit(self.model.predict)
         ds = self.dataset
         return {

@@ -1,0 +1,104 @@
+"""scripts/bench.py: the quick benchmark run end to end, and its helpers."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxdml.faults import parse
+from tests.conftest import REPO
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("_bench", os.path.join(REPO, "scripts/bench.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_bench()
+
+
+def test_goodput_plan_rotates_faults_over_healthy_devices(bench):
+    plan = bench.goodput_plan(num_steps=10_000, interval=1000, num_devices=4)
+    faults = parse(plan)
+    assert [f.start for f in faults] == list(range(1000, 10_000, 1000))
+    assert [f.kind for f in faults] == [
+        "device_loss", "sigkill", "nan", "bitflip", "hang",
+        "device_loss", "sigkill", "nan", "bitflip",
+    ]  # fmt: skip
+    # A device loss takes device 3 of 4; after it, the bit flip hits one of the 3 left.
+    assert faults[0].devices == (3,) and faults[3].devices == (1,)
+    assert faults[2].end == faults[2].start + 2  # a burst of 3 NaN batches: a rollback
+
+
+def test_goodput_plan_skips_a_bitflip_without_a_majority(bench):
+    plan = bench.goodput_plan(num_steps=5000, interval=1000, num_devices=2)
+    kinds = [f.kind for f in parse(plan)]
+    assert "bitflip" not in kinds and kinds[0] == "device_loss"
+
+
+def test_loglog_slope_and_cold_lost_work(bench):
+    assert bench.loglog_slope([1e4, 1e5, 1e6], [2.0, 20.0, 200.0]) == pytest.approx(1.0)
+    assert bench.loglog_slope([1, 2, 4, 8], [3.0] * 4) == pytest.approx(0.0, abs=1e-12)
+    events = [
+        {"kind": "fault_injected", "step": 85, "time": 10.0},
+        {"kind": "resumed", "step": 50, "time": 12.5},
+    ]
+    assert bench.cold_lost_work(events) == (35, 2.5)
+
+
+def test_gpu_figures_exit_cleanly_without_a_gpu(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench.py", "--gpu", f"--out={tmp_path}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "no GPU or TPU available" in proc.stdout and not os.listdir(tmp_path)
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_every_section_and_valid_plots(tmp_path, bench):
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench.py", "--quick", f"--out={out}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = (out / "benchmarks.md").read_text()
+    for title in bench.TITLES.values():
+        assert f"\n## {title}\n" in report
+    assert "This section failed" not in report
+    images = [line for line in report.splitlines() if line.startswith("![")]
+    linked = [line[line.index("(") + 1 : -1] for line in images]
+    assert sorted(linked) == sorted(p.name for p in out.glob("*.png"))
+    assert len(linked) == 5
+    for name in linked:
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_SIGNATURE and len(data) > 5000
+    raw = json.loads((out / "benchmarks.json").read_text())["sections"]
+    assert not any(s["failed"] for s in raw.values())
+    [overhead] = raw["overhead"]["problems"]
+    losses = overhead["final_loss"]
+    assert losses["bare"] == pytest.approx(losses["protected"], rel=1e-4)  # same model and data
+    assert 0 < overhead["protected_over_bare"] < 2
+    assert all(o["completed"] for o in raw["recovery"]["outcomes"].values())
+    assert raw["recovery"]["outcomes"]["device_loss"]["lost_steps"] == 0
+    assert all(r["completed"] for r in raw["goodput"]["runs"].values())
+    assert raw["goodput"]["runs"]["with faults"]["faults"] >= 2
+    assert 0 < raw["goodput"]["goodput"]["accounted"] < 1
+    assert raw["scaling"]["slopes"]["step_time_vs_rows"] > 0.5

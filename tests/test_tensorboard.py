@@ -1,0 +1,64 @@
+"""TensorBoard: metric scalars, and events (faults, recoveries) mirrored as scalars and text."""
+
+import glob
+import json
+import struct
+
+import jax
+import pytest
+
+from configs import seed_logreg
+from jaxdml.supervisor import Supervisor
+from jaxdml.training.trainer import Trainer
+
+pytest.importorskip("tensorboardX")
+
+
+def read_event_files(logdir) -> list:
+    """Every Event proto in logdir's event files (TFRecord: length, crc, data, crc)."""
+    from tensorboardX.proto import event_pb2
+
+    events = []
+    for path in sorted(glob.glob(f"{logdir}/events.out.tfevents.*")):
+        data = open(path, "rb").read()  # noqa: SIM115
+        i = 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            events.append(event_pb2.Event.FromString(data[i + 12 : i + 12 + n]))
+            i += 12 + n + 4
+    return events
+
+
+def scalars(events) -> dict[str, list[tuple[int, float]]]:
+    out: dict[str, list] = {}
+    for e in events:
+        for v in e.summary.value:
+            if v.HasField("simple_value"):
+                out.setdefault(v.tag, []).append((e.step, v.simple_value))
+    return out
+
+
+def test_tensorboard_gets_metrics_and_every_event(tmp_path):
+    config = seed_logreg.get_config()
+    config.train.num_steps = 60
+    config.train.log_every = 1000
+    config.train.tensorboard = True
+    config.faults = "nan@20,device_loss@40:3"
+    trainer = Trainer(config, str(tmp_path), devices=jax.devices()[:4])
+    trainer.fit(Supervisor(config))
+    events = read_event_files(tmp_path / "tb")
+    tags = scalars(events)
+    assert [s for s, _ in tags["loss"]] == list(range(1, 61))
+    assert tags["faults/nan"] == [(20, 1.0)]
+    assert tags["faults/device_loss"] == [(40, 1.0)]
+    assert [s for s, _ in tags["events/nan"]] == [21]
+    [(step, seconds)] = tags["events/device_loss"]
+    assert step == 40 and seconds > 0
+    texts = [
+        json.loads(v.tensor.string_val[0])
+        for e in events
+        for v in e.summary.value
+        if v.tag.startswith("events") and v.tensor.string_val
+    ]
+    logged = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert [t["kind"] for t in texts] == [e["kind"] for e in logged]

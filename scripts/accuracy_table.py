@@ -1,6 +1,6 @@
 """Trains the shipped logistic-regression configs and prints test accuracy vs scikit-learn.
 
-  python scripts/accuracy_table.py            # markdown table on stdout
+python scripts/accuracy_table.py            # markdown table on stdout
 """
 
 from __future__ import annotations
@@ -24,7 +24,10 @@ CONFIGS = ["seed_logreg", "sgd_logreg", "digits_logreg"]
 def main() -> None:
     from sklearn.linear_model import LogisticRegression
 
-    print("| config | devices | steps | jaxdml test acc | sklearn test acc | gap (points) | time (s) |")
+    print(
+        "| config | devices | steps | jaxdml test acc | sklearn test acc | gap (points) "
+        "| time (s) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name in CONFIGS:
         config = importlib.import_module(f"configs.{name}").get_config()

@@ -34,18 +34,23 @@ class Trainer:
         workdir: str,
         devices: Sequence[jax.Device] | None = None,
         dataset: Dataset | None = None,
+        model: Any = None,
     ):
         """Args:
         config: a validated-or-not ConfigDict built on `jaxdml.config.default_config()`.
         workdir: output folder (metrics.jsonl, events.jsonl, result.json, checkpoints).
         devices: devices to train on (default: `config.num_cpu_devices` or all).
         dataset: an already loaded data set (default: load `config.data`).
+        model: a model to train instead of the one `config.model` names, e.g. a
+          `jaxdml.models.mlp.FlaxModel` around your own Flax module.
         """
         self.config = validate(config)
         self.workdir = workdir
         self.dataset = dataset or load_dataset(config.data)
         ds = self.dataset
-        self.model = build_model(config, ds.num_features, ds.num_classes)
+        if model is None:
+            model = build_model(config, ds.num_features, ds.num_classes)
+        self.model = model
         self.optimizer = build_optimizer(config)
         full = config.train.mode == "full_batch"
         self.batcher = GlobalBatcher(

@@ -15,10 +15,10 @@ from jaxdml import mesh as mesh_lib
 from jaxdml.config import validate
 from jaxdml.data import Dataset, GlobalBatcher, load_dataset
 from jaxdml.metrics import EventLog, MetricsWriter, write_result
-from jaxdml.models import build_model
+from jaxdml.models import build_model, model_inputs
 from jaxdml.training.loop import Loop
 from jaxdml.training.state import TrainState, build_optimizer, init_state, params_sha256, to_host
-from jaxdml.training.step import StepFn, make_gradient_step
+from jaxdml.training.step import StepFn, make_step
 
 
 class Trainer:
@@ -49,12 +49,15 @@ class Trainer:
         self.dataset = dataset or load_dataset(config.data)
         ds = self.dataset
         if model is None:
-            model = build_model(config, ds.num_features, ds.num_classes)
+            model = build_model(config, ds.num_features, ds.num_classes, ds.x_train)
         self.model = model
         self.optimizer = build_optimizer(config)
         full = config.train.mode == "full_batch"
         self.batcher = GlobalBatcher(
-            ds.x_train, ds.y_train, None if full else config.train.batch_size, config.seed
+            model_inputs(self.model, ds.x_train),
+            ds.y_train,
+            None if full else config.train.batch_size,
+            config.seed,
         )
         self.metrics = MetricsWriter(workdir, config.train.tensorboard)
         self.events = EventLog(workdir)
@@ -65,12 +68,13 @@ class Trainer:
 
     @property
     def num_steps(self) -> int:
-        return self.config.train.num_steps
+        m = self.config.model
+        return m.num_trees if m.name == "gbdt" else self.config.train.num_steps  # a step = a round
 
     def set_devices(self, devices: Sequence[jax.Device]) -> None:
         """(Re)builds the mesh over `devices` and the step compiled for it."""
         self.mesh = mesh_lib.make_mesh(devices)
-        self.step_fn: StepFn = make_gradient_step(
+        self.step_fn: StepFn = make_step(
             self.model, self.optimizer, self.mesh, self.config.train.donate
         )
 

@@ -68,7 +68,8 @@ def quantile_bin_edges(x: np.ndarray, num_bins: int) -> np.ndarray:
       num_bins: bins per feature (at most num_bins - 1 edges).
 
     Returns:
-      float32 [F, num_bins - 1], each row increasing, padded with +inf.
+      float32 [F, E], each row increasing, padded with +inf, where E <= num_bins - 1 is
+      the most edges any feature has (fewer columns: smaller histograms, same trees).
     """
     edges = np.full((x.shape[1], num_bins - 1), np.inf, np.float32)
     percentiles = np.linspace(0, 100, num_bins + 1)[1:-1]
@@ -81,7 +82,8 @@ def quantile_bin_edges(x: np.ndarray, num_bins: int) -> np.ndarray:
             cuts = np.percentile(col, percentiles, method="midpoint")
         cuts = np.unique(cuts.astype(np.float32))
         edges[f, : len(cuts)] = cuts
-    return edges
+    used = max(int(np.isfinite(edges).sum(axis=1).max()), 1)
+    return edges[:, :used]
 
 
 def bin_features(x: np.ndarray, edges: np.ndarray) -> np.ndarray:
@@ -232,8 +234,9 @@ class GBDTModel:
     def histogram(self, xb: jax.Array, pos: jax.Array, gh: jax.Array, num_nodes: int):
         """Local gradient/hessian histograms [outputs, num_nodes, F, bins, 2] (dtype of gh).
 
-        One scatter-add per feature over all rows, outputs and nodes: on CPU about 8x
-        faster than one scatter over all features (measured, 200k x 20). Rows with pos
+        A loop over features of one scatter-add over all rows, outputs and nodes. On CPU,
+        one scatter over all features at once was ~8x slower (measured, 200k x 20), and
+        unrolling the features compiled ~4x slower for ~30% less run time. Rows with pos
         outside [0, num_nodes) go to a spare node that is dropped (histogram subtraction
         uses that; out-of-range indices with mode='drop' were 4x slower); weight-0 rows add 0.
 
@@ -246,12 +249,14 @@ class GBDTModel:
         inside = (pos >= 0) & (pos < num_nodes)
         node = jnp.where(inside, jnp.arange(k) * num_nodes + pos, k * num_nodes)  # spare: last
         updates = gh.reshape(-1, 2)
-        per_feature = []
-        for f in range(self.num_features):
-            idx = (node * b + xb[:, f : f + 1].astype(jnp.int32)).reshape(-1)
+
+        def one_feature(column):
+            idx = (node * b + column[:, None].astype(jnp.int32)).reshape(-1)
             hist = jnp.zeros((size + b, 2), gh.dtype).at[idx].add(updates, mode="promise_in_bounds")
-            per_feature.append(hist[:size].reshape(k, num_nodes, b, 2))
-        return jnp.stack(per_feature, axis=2)
+            return hist[:size]
+
+        per_feature = jax.lax.map(one_feature, xb.T)  # [F, k * num_nodes * b, 2]
+        return per_feature.reshape(-1, k, num_nodes, b, 2).transpose(1, 2, 0, 3, 4)
 
     def best_splits(self, hist: jax.Array, scale: jax.Array) -> dict[str, jax.Array]:
         """The best split of every node from global int histograms [outputs, nodes, F, bins, 2].

@@ -35,7 +35,7 @@ def _fit_and_compare(config, tmp_path, num_devices=4):
     config.model.l2 = 1.0 / (C * len(ds.y_train))
     trainer = Trainer(config, str(tmp_path), devices=jax.devices()[:num_devices], dataset=ds)
     ours = trainer.fit()["test_accuracy"]
-    ref = LinearSVC(C=C, loss=config.model.svm_loss, max_iter=100_000, tol=1e-6)
+    ref = LinearSVC(C=C, loss=config.model.svm_loss, max_iter=100_000)
     theirs = ref.fit(ds.x_train, ds.y_train).score(ds.x_test, ds.y_test)
     return ours, theirs
 

@@ -51,6 +51,7 @@ class Collectives:
 
 
 _TINY = 1e-15  # keeps G^2 / (H + l2) finite when l2 = 0 and a child is empty
+_NO_SPLIT = float(np.finfo(np.float32).max)  # raw threshold of a node that does not split
 
 
 # ----------------------------------------------------------------------------- binning (host)
@@ -341,8 +342,13 @@ class GBDTModel:
         return {"feature": feature, "threshold_bin": bin_, "threshold": threshold, "leaf": leaf}
 
     def _raw_threshold(self, feature: jax.Array, bin_: jax.Array) -> jax.Array:
-        """edges[feature, bin]: "bin <= b" is "x <= edges[f, b]"; +inf where nothing splits."""
-        padded = np.concatenate([self.edges, np.full((self.num_features, 1), np.inf)], axis=1)
+        """edges[feature, bin]: "bin <= b" is "x <= edges[f, b]".
+
+        Where nothing splits: float32's max, which every (finite) x is <= and which keeps
+        every parameter finite for NaN/Inf checks.
+        """
+        edges = np.where(np.isfinite(self.edges), self.edges, _NO_SPLIT)
+        padded = np.concatenate([edges, np.full((self.num_features, 1), _NO_SPLIT)], axis=1)
         return jnp.asarray(padded, jnp.float32)[feature, bin_]
 
     def boost_round(self, params, round_index, xb, y, w, reduce: Collectives = Collectives()):

@@ -66,9 +66,7 @@ def make_tree_step(model: Any, mesh: Mesh, donate: bool = False) -> StepFn:
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         params, sums = round_fn(state.params, state.step, batch["x"], batch["y"], batch["w"])
         loss = sums["loss"] / sums["weight"]
-        ok = jnp.isfinite(loss) & all_finite(
-            (params["leaf"], params["base"])
-        )  # thresholds may be inf
+        ok = jnp.isfinite(loss) & all_finite(params)
         params = jax.tree.map(lambda a, b: jnp.where(ok, a, b), params, state.params)
         new_state = state.replace(step=state.step + 1, params=params, data_pos=batch["pos"])
         metrics = {

@@ -1,10 +1,14 @@
 """Trains one config: python -m experiments.train --config=configs/X.py --workdir=DIR."""
 
+import sys
+
 from absl import flags
 from ml_collections import config_flags
 
 import jaxdml
-from jaxdml import cli
+from jaxdml import cli, distributed
+from jaxdml.metrics import EventLog
+from jaxdml.supervisor import GaveUp
 from jaxdml.training.trainer import describe
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -14,7 +18,17 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv: list[str]) -> None:
     del argv
-    print(describe(jaxdml.train(_CONFIG.value, _WORKDIR.value)))
+    try:
+        result = jaxdml.train(_CONFIG.value, _WORKDIR.value)
+    except GaveUp as e:
+        print(f"gave up: {e} (report: {_WORKDIR.value}/report.json)", file=sys.stderr)
+        sys.exit(cli.EXIT_GAVE_UP)
+    if not distributed.is_coordinator():
+        return  # process 0 reports for the job
+    if result.get("preempted"):
+        print(f"preempted at step {result['steps']}: checkpoint saved; rerun to resume")
+        return
+    print(describe(result, EventLog.read(_WORKDIR.value)))
 
 
 if __name__ == "__main__":

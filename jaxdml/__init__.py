@@ -20,11 +20,23 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       workdir: output folder; a folder holding checkpoints resumes from them.
 
     Returns:
-      The result: final accuracies, loss, steps, device count, wall time, params_sha256.
+      The result: final accuracies, loss, steps, device count, wall time, params_sha256
+      and, under the supervisor, fault accounting (goodput, faults, lost steps, ...).
+
+    Raises:
+      ConfigError: a bad config value or data (nothing trained).
+      jaxdml.supervisor.GaveUp: too few devices left or the recovery budget spent
+        (a final checkpoint and workdir/report.json were written).
     """
+    from jaxdml import distributed
+    from jaxdml.supervisor import Supervisor
     from jaxdml.training.trainer import Trainer
 
-    return Trainer(config, workdir).fit()
+    trainer = Trainer(config, workdir)
+    result = trainer.fit(Supervisor(config) if config.supervisor.enabled else None)
+    # Multi-process only: the processes still in the job leave it in order.
+    distributed.shutdown(config.distributed.shutdown_timeout_secs, trainer.live_processes)
+    return result
 
 
 def __getattr__(name: str):

@@ -12,12 +12,15 @@ from typing import Any
 
 import ml_collections
 
+from jaxdml.faults import inject
+
 MODELS = ("logreg", "svm", "gbdt", "mlp")
 DATA_SOURCES = ("synthetic", "sklearn", "file")
 SKLEARN_DATASETS = ("make_classification", "digits", "breast_cancer", "iris", "wine")
 TRAIN_MODES = ("full_batch", "minibatch")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "pegasos")
 RESUME_MODES = ("auto", "false", "auto_or_scratch")
+CPU_COLLECTIVES = ("gloo", "mpi")
 SVM_LOSSES = ("hinge", "squared_hinge")
 
 
@@ -29,7 +32,7 @@ def default_config() -> ml_collections.ConfigDict:
     """Returns the full schema with default values; experiment configs override fields."""
     c = ml_collections.ConfigDict()
     c.seed = 0  # Seeds parameter init, data order and per-step randomness.
-    c.num_cpu_devices = 0  # >0: simulate this many CPU devices (set before JAX starts).
+    c.num_cpu_devices = 0  # >0: simulate this many CPU devices (per process; before JAX starts).
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"  # synthetic | sklearn | file
@@ -87,11 +90,24 @@ def default_config() -> ml_collections.ConfigDict:
     c.supervisor.enabled = True  # recover from failures (False: a failure ends the run)
     c.supervisor.min_devices = 1  # stop with a report below this many healthy devices
     c.supervisor.max_recoveries = 10  # recovery budget for the whole run
+    c.supervisor.backoff_secs = 0.0  # wait before the n-th recovery: backoff * 2^(n-1), max 30 s
     c.supervisor.nan_max_skips = 3  # skipped (non-finite) updates within the window before rollback
     c.supervisor.nan_window = 10  # steps in that window
     c.supervisor.spike_zscore = 0.0  # loss spike threshold in rolling z-score (0: off)
     c.supervisor.fingerprint_every = 0  # compare replica fingerprints every k steps (0: off)
     c.supervisor.watchdog_secs = 0.0  # declare a hang after t seconds without progress (0: off)
+
+    # Multi-process (jaxdml/distributed.py). Unset fields fall back to the JAXDML_* environment
+    # that jaxdml.launch sets; one process and no auto_detect means a plain single-process run.
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.auto_detect = False  # cluster (TPU VM, SLURM, MPI): jax finds what is unset
+    c.distributed.coordinator_address = ""  # host:port of process 0 ('': $JAXDML_COORDINATOR)
+    c.distributed.num_processes = 0  # processes in the job (0: $JAXDML_NUM_PROCESSES, else 1)
+    c.distributed.process_id = -1  # this process, 0..num_processes-1 (-1: $JAXDML_PROCESS_ID)
+    c.distributed.heartbeat_timeout_secs = 10  # a process silent this long is declared dead
+    c.distributed.initialization_timeout_secs = 120  # wait this long for every process to join
+    c.distributed.shutdown_timeout_secs = 60  # at exit, wait this long for the others to finish
+    c.distributed.cpu_collectives = "gloo"  # CPU cross-process collectives: gloo | mpi
     return c
 
 
@@ -127,6 +143,17 @@ def _fraction(v: Any) -> str | None:
 
 def _bool(v: Any) -> str | None:
     return None if isinstance(v, bool) else f"must be true or false, got {v!r}"
+
+
+def _host_port(v: Any) -> str | None:
+    if not isinstance(v, str):
+        return f"must be a string 'host:port', got {v!r}"
+    if not v:
+        return None
+    host, _, port = v.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return f"must be 'host:port' with a port in 1..65535, got {v!r}"
+    return None
 
 
 _RULES: dict[str, Callable[[Any], str | None]] = {
@@ -172,11 +199,20 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "supervisor.enabled": _bool,
     "supervisor.min_devices": _int_at_least(1),
     "supervisor.max_recoveries": _int_at_least(0),
+    "supervisor.backoff_secs": _float_at_least(0.0),
     "supervisor.nan_max_skips": _int_at_least(1),
     "supervisor.nan_window": _int_at_least(1),
     "supervisor.spike_zscore": _float_at_least(0.0),
     "supervisor.fingerprint_every": _int_at_least(0),
     "supervisor.watchdog_secs": _float_at_least(0.0),
+    "distributed.auto_detect": _bool,
+    "distributed.coordinator_address": _host_port,
+    "distributed.num_processes": _int_at_least(0),
+    "distributed.process_id": _int_at_least(-1),
+    "distributed.heartbeat_timeout_secs": _int_at_least(1),
+    "distributed.initialization_timeout_secs": _int_at_least(1),
+    "distributed.shutdown_timeout_secs": _int_at_least(1),
+    "distributed.cpu_collectives": _one_of(CPU_COLLECTIVES),
 }
 
 
@@ -212,6 +248,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"config.data.n_informative ({d.n_informative}) must not exceed "
             f"config.data.n_features ({d.n_features})"
         )
+    try:
+        inject.parse(config.faults)
+    except inject.FaultPlanError as e:
+        raise ConfigError(f"config.faults: {e}") from e
     hidden = tuple(config.model.hidden_sizes)
     if not all(isinstance(h, int) and h > 0 for h in hidden):
         raise ConfigError(f"config.model.hidden_sizes must be positive integers, got {hidden}")
@@ -221,5 +261,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigError(
             f"config.supervisor.min_devices ({config.supervisor.min_devices}) exceeds "
             f"config.num_cpu_devices ({config.num_cpu_devices})"
+        )
+    dist = config.distributed
+    if dist.num_processes and dist.process_id >= dist.num_processes:
+        raise ConfigError(
+            f"config.distributed.process_id ({dist.process_id}) must be < "
+            f"config.distributed.num_processes ({dist.num_processes})"
         )
     return config

@@ -264,7 +264,23 @@ class GlobalBatcher:
         return batch, after
 
     def _place(self, idx: np.ndarray, mesh: Mesh) -> dict[str, jax.Array]:
+        """The global batch as arrays sharded along 'data'.
+
+        Each process builds only the rows of its own devices' slices (every process
+        holds the whole data set, so it can read any global sample index); the global
+        array is assembled from the processes' pieces without moving data between them.
+        """
         padded, weights = self.shard_layout(idx, mesh.devices.size)
         sharding = NamedSharding(mesh, P("data"))
-        host = {"x": self.x[padded], "y": self.y[padded], "w": weights}
-        return {k: jax.device_put(v, sharding) for k, v in host.items()}
+        rows = {"x": self.x, "y": self.y}
+
+        def place(name: str) -> jax.Array:
+            source = rows.get(name)
+            shape = (len(padded), *(() if source is None else source.shape[1:]))
+
+            def slice_rows(index: tuple[slice, ...]) -> np.ndarray:
+                return weights[index[0]] if source is None else source[padded[index[0]]]
+
+            return jax.make_array_from_callback(shape, sharding, slice_rows)
+
+        return {name: place(name) for name in ("x", "y", "w")}

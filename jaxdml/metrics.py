@@ -95,6 +95,11 @@ class EventLog(JsonlWriter):
         super().__init__(os.path.join(workdir, "events.jsonl"))
         self._clock = clock
 
+    @staticmethod
+    def read(workdir: str) -> list[dict]:
+        """The events of a workdir, oldest first."""
+        return _read_jsonl(os.path.join(workdir, "events.jsonl"))
+
     def record(self, kind: str, step: int, **fields: Any) -> dict:
         row = {"time": self._clock(), "kind": kind, "step": int(step), **fields}
         self.write(row)

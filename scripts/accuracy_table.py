@@ -24,10 +24,8 @@ CONFIGS = ["seed_logreg", "sgd_logreg", "digits_logreg"]
 def main() -> None:
     from sklearn.linear_model import LogisticRegression
 
-    print(
-        "| config | devices | steps | jaxdml test acc | sklearn test acc | gap (points) "
-        "| time (s) |"
-    )
+    header = ["config", "devices", "steps", "jaxdml test acc", "sklearn test acc", "gap (points)"]
+    print("| " + " | ".join([*header, "time (s)"]) + " |")
     print("|---|---|---|---|---|---|---|")
     for name in CONFIGS:
         config = importlib.import_module(f"configs.{name}").get_config()

@@ -65,8 +65,7 @@ def _ours(config, ds, num_devices: int) -> dict:
         jax.block_until_ready(trainer.state)
         t2 = time.perf_counter()
         accuracy = trainer.evaluate()["test_accuracy"]
-        trainer.metrics.close()
-        trainer.events.close()
+        trainer.close()
     n = trainer.num_steps
     return {"acc": accuracy, "fit": t2 - t0, "steps": (t2 - t1) * n / max(n - 1, 1)}
 

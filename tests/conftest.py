@@ -31,3 +31,25 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None):
 @pytest.fixture
 def devices():
     return jax.devices()
+
+
+def process_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie, exited but not yet reaped, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state != "Z"
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:
+    """Polls `predicate` until it is true or `timeout` seconds pass; returns its last value."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())

@@ -48,9 +48,7 @@ def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfor
     return optax.sgd(lambda count: 1.0 / (lam * (count + 1.0)))
 
 
-def init_state(model: Any, optimizer: optax.GradientTransformation, seed: int, mesh: Mesh):
-    """A fresh TrainState, born replicated on `mesh`."""
-
+def _initializer(model: Any, optimizer: optax.GradientTransformation, seed: int):
     def init() -> TrainState:
         rng = jax.random.PRNGKey(seed)
         params = model.init(jax.random.fold_in(rng, 0))
@@ -63,17 +61,58 @@ def init_state(model: Any, optimizer: optax.GradientTransformation, seed: int, m
             model_state=model.init_state() if hasattr(model, "init_state") else {},
         )
 
+    return init
+
+
+def init_state(model: Any, optimizer: optax.GradientTransformation, seed: int, mesh: Mesh):
+    """A fresh TrainState, born replicated on `mesh`."""
+    init = _initializer(model, optimizer, seed)
     return jax.jit(init, out_shardings=mesh_lib.replicated(mesh))()
 
 
+def abstract_state(model: Any, optimizer: optax.GradientTransformation, seed: int, mesh: Mesh):
+    """Shapes, dtypes and (replicated) shardings of the TrainState, with no arrays made."""
+    shapes = jax.eval_shape(_initializer(model, optimizer, seed))
+    rep = mesh_lib.replicated(mesh)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), shapes)
+
+
 def to_host(tree: Any, device_index: int = 0) -> Any:
-    """A host numpy copy of a replicated pytree, read from one device's replica."""
+    """A host numpy copy of a replicated pytree, read from one of this process's replicas.
+
+    Works when the arrays span several processes: only addressable shards are read.
+    Raises ValueError for an array that is not replicated (a shard is not the whole).
+    """
 
     def one(x):
         if isinstance(x, jax.Array):
+            if not x.sharding.is_fully_replicated:
+                raise ValueError(f"to_host needs replicated arrays, got sharding {x.sharding}")
             shards = x.addressable_shards
             return np.asarray(shards[min(device_index, len(shards) - 1)].data)
         return np.asarray(x)
+
+    return jax.tree.map(one, tree)
+
+
+def from_replica(tree: Any, mesh: Mesh, source: jax.Device | None = None) -> Any:
+    """Re-replicates a replicated pytree over `mesh` from replicas that still exist.
+
+    Each device of `mesh` that this process holds keeps its own replica when it has
+    one (no copy at all); others get a copy of the replica on `source` (default: any
+    local one). No checkpoint is read and no process needs another's data, so the
+    survivors of a lost device or host rebuild their state from what they hold.
+    """
+    rep = mesh_lib.replicated(mesh)
+    mine = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+
+    def one(x):
+        if not isinstance(x, jax.Array):
+            x = jnp.asarray(x)
+        local = {s.device: s.data for s in x.addressable_shards}
+        src = local[source] if source in local else next(iter(local.values()))
+        bufs = [local[d] if d in local else jax.device_put(src, d) for d in mine]
+        return jax.make_array_from_single_device_arrays(x.shape, rep, bufs)
 
     return jax.tree.map(one, tree)
 
@@ -84,3 +123,9 @@ def params_sha256(params: Any) -> str:
     for leaf in jax.tree.leaves(to_host(params)):
         h.update(np.ascontiguousarray(leaf).tobytes())
     return h.hexdigest()
+
+
+def flat_params(params: Any) -> dict[str, np.ndarray]:
+    """{keypath: host array} of the parameters (what params.npz holds)."""
+    flat = jax.tree_util.tree_flatten_with_path(to_host(params))[0]
+    return {jax.tree_util.keystr(path): leaf for path, leaf in flat}

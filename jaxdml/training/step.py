@@ -85,11 +85,37 @@ def make_gradient_step(
             "grad_norm": optax.tree.norm(grads),
             "param_norm": optax.tree.norm(new_state.params),
             "skipped": (~ok).astype(jnp.int32),
+            "set_aside": jnp.int32(0),
+            "samples": sums["weight"],
+            "epoch": batch["pos"]["epoch"] - (batch["pos"]["index"] == 0),
         }
         return new_state, metrics
 
     rep = replicated(mesh)
     return jax.jit(step, out_shardings=(rep, rep), donate_argnums=(0,) if donate else ())
+
+
+def make_skip_step(mesh: Mesh) -> StepFn:
+    """A step that consumes its batch and changes nothing else (a batch set aside
+    after a rollback). Its metrics say set_aside=1."""
+
+    def skip(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        new_state = state.replace(step=state.step + 1, data_pos=batch["pos"])
+        nan = jnp.float32(jnp.nan)
+        metrics = {
+            "loss": nan,
+            "batch_accuracy": nan,
+            "grad_norm": nan,
+            "param_norm": optax.tree.norm(state.params),
+            "skipped": jnp.int32(0),
+            "set_aside": jnp.int32(1),
+            "samples": jnp.float32(0),
+            "epoch": batch["pos"]["epoch"] - (batch["pos"]["index"] == 0),
+        }
+        return new_state, metrics
+
+    rep = replicated(mesh)
+    return jax.jit(skip, out_shardings=(rep, rep))
 
 
 def make_step(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -11,14 +12,27 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+import jaxdml
+from jaxdml import checkpoint as ckpt_lib
+from jaxdml import distributed
 from jaxdml import mesh as mesh_lib
 from jaxdml.config import validate
 from jaxdml.data import Dataset, GlobalBatcher, load_dataset
+from jaxdml.faults import inject
+from jaxdml.faults.detect import PreemptionWatcher
 from jaxdml.metrics import EventLog, MetricsWriter, write_result
 from jaxdml.models import build_model, model_inputs
-from jaxdml.training.loop import Loop
-from jaxdml.training.state import TrainState, build_optimizer, init_state, params_sha256, to_host
-from jaxdml.training.step import StepFn, make_step
+from jaxdml.training.loop import Loop, Periodic
+from jaxdml.training.state import (
+    TrainState,
+    abstract_state,
+    build_optimizer,
+    flat_params,
+    init_state,
+    params_sha256,
+    to_host,
+)
+from jaxdml.training.step import StepFn, make_skip_step, make_step
 
 
 class Trainer:
@@ -46,6 +60,9 @@ class Trainer:
         """
         self.config = validate(config)
         self.workdir = workdir
+        distributed.initialize(config)  # multi-process only; before any JAX computation
+        # Before anything else starts JAX: simulated CPU devices must be set up front.
+        devices = devices or distributed.default_devices(config)
         self.dataset = dataset or load_dataset(config.data)
         ds = self.dataset
         if model is None:
@@ -59,12 +76,30 @@ class Trainer:
             None if full else config.train.batch_size,
             config.seed,
         )
-        self.metrics = MetricsWriter(workdir, config.train.tensorboard)
-        self.events = EventLog(workdir)
-        self.set_devices(devices or mesh_lib.select_devices(config.num_cpu_devices))
-        self.state: TrainState = init_state(self.model, self.optimizer, config.seed, self.mesh)
+        # Process 0 writes the run's records; the others keep theirs apart, per process.
+        records = workdir if distributed.is_coordinator() else _process_dir(workdir)
+        self.metrics = MetricsWriter(records, config.train.tensorboard)
+        self.events = EventLog(records)
+        self.checkpointer = ckpt_lib.Checkpointer(
+            workdir,
+            max_to_keep=config.checkpoint.max_to_keep,
+            keep_period=config.checkpoint.keep_period,
+            async_save=config.checkpoint.async_save,
+            on_event=self.events.record,
+        )
+        self.injector = inject.Injector(
+            inject.parse(config.faults),
+            already_fired=[e["fault"] for e in self.events.rows() if "fault" in e],
+            record=self.events.record,
+        )
+        self.set_devices(devices)
         self._last_metrics: dict = {}
         self._start_time = time.time()
+        self.preempted = False
+        self.skip_steps: set[int] = set()  # steps whose batch is set aside (after a rollback)
+        self.observers: list = []  # extra on_metrics(step, row) callbacks (the supervisor's)
+        self.live_processes: list[int] | None = None  # set after a host loss: the survivors
+        self.state: TrainState = self.restore_or_init()
 
     @property
     def num_steps(self) -> int:
@@ -77,8 +112,68 @@ class Trainer:
         self.step_fn: StepFn = make_step(
             self.model, self.optimizer, self.mesh, self.config.train.donate
         )
+        self.skip_fn: StepFn = make_skip_step(self.mesh)
 
-    def make_loop(self, num_steps: int | None = None, hooks: Sequence = ()) -> Loop:
+    def restore_or_init(self) -> TrainState:
+        """The state to start from.
+
+        Resume precedence: (1) the newest valid checkpoint in workdir/checkpoints
+        (invalid ones are set aside, older ones tried); (2) a fresh init when there
+        are none, when checkpoint.resume='false' (old checkpoints are set aside, not
+        deleted), or when none is valid and resume='auto_or_scratch'.
+        """
+        c = self.config
+        if c.checkpoint.resume == "false":
+            self.checkpointer.move_all_aside("checkpoint.resume=false")
+            return self._fresh_state()
+        try:
+            state = self.restore_latest()
+        except ckpt_lib.NoValidCheckpoint as e:
+            if c.checkpoint.resume != "auto_or_scratch":
+                raise
+            logging.warning("%s; starting from scratch (resume=auto_or_scratch)", e)
+            return self._fresh_state()
+        step = int(to_host(state.step))
+        if step:
+            self.events.record("resumed", step, num_devices=int(self.mesh.devices.size))
+            logging.info("resumed from checkpoint step %d", step)
+        return state
+
+    def restore_latest(self) -> TrainState:
+        """The newest valid checkpoint on the current mesh (a fresh state if there is
+        none); metrics rows past its step are dropped, since those steps run again."""
+        abstract = abstract_state(self.model, self.optimizer, self.config.seed, self.mesh)
+        restored = self.checkpointer.restore_latest_valid(abstract, ckpt_lib.identity(self.config))
+        if restored is None:
+            return self._fresh_state()
+        state, meta = restored
+        self.metrics.truncate_after(int(meta["step"]))
+        return state
+
+    def _fresh_state(self) -> TrainState:
+        self.metrics.truncate_after(0)  # rows of an earlier, unsaved attempt
+        return init_state(self.model, self.optimizer, self.config.seed, self.mesh)
+
+    def replicated_sharding(self):
+        """Every device of the current mesh holds the whole array (the state's layout)."""
+        return mesh_lib.replicated(self.mesh)
+
+    def save_checkpoint(self, step: int, state: TrainState, wait: bool = False) -> None:
+        """Saves `state` (async unless `wait`), with the meta that validates it later."""
+        meta = {
+            "config": ckpt_lib.identity(self.config),
+            "num_devices": int(self.mesh.devices.size),
+            "jaxdml_version": jaxdml.__version__,
+        }
+        self.checkpointer.save(step, state, meta, wait=wait)
+
+    def make_loop(
+        self,
+        num_steps: int | None = None,
+        hooks: Sequence = (),
+        should_stop=None,
+        step_guard=None,
+    ) -> Loop:
         """A Loop over the current mesh that logs every finished step's metrics."""
         t = self.config.train
         return Loop(
@@ -90,7 +185,19 @@ class Trainer:
             hooks=list(hooks),
             dispatch_depth=t.dispatch_depth,
             log_every=t.log_every,
+            before_step=self.injector.before_step,
+            should_stop=should_stop,
+            skip_fn=self.skip_fn,
+            skip_steps=frozenset(self.skip_steps),
+            step_guard=step_guard,
         )
+
+    def checkpoint_hooks(self) -> list[Periodic]:
+        """The periodic checkpoint save, as the config asks (empty when off)."""
+        ck = self.config.checkpoint
+        if not (ck.every_steps or ck.every_secs):
+            return []
+        return [Periodic(self.save_checkpoint, ck.every_steps, ck.every_secs)]
 
     def _on_metrics(self, step: int, metrics: dict) -> None:
         row = {"step": step, **{k: np.asarray(v).item() for k, v in metrics.items()}}
@@ -99,6 +206,8 @@ class Trainer:
         if every and step % every == 0:
             row.update(self.evaluate())
         self.metrics.write(row)
+        for observe in self.observers:
+            observe(step, row)
         if step % self.config.train.log_every == 0:
             logging.info("step %d  loss %.5f  grad_norm %.3g", step, row["loss"], row["grad_norm"])
 
@@ -118,13 +227,47 @@ class Trainer:
             "test_accuracy": float(np.mean(np.asarray(predict(params, ds.x_test)) == ds.y_test)),
         }
 
-    def fit(self) -> dict:
-        """Runs to `num_steps` and writes result.json; returns the result."""
-        self.state = self.make_loop().run(self.state)
-        return self.finish()
+    def fit(self, supervisor=None) -> dict:
+        """Runs to `num_steps` and writes result.json; returns the result.
 
-    def finish(self) -> dict:
-        """Writes and returns result.json for the current state."""
+        Args:
+          supervisor: None runs the plain loop, where any failure ends the run;
+            otherwise an object with `run(trainer, should_stop)` that runs the loop,
+            recovers from failures and leaves the final state in `trainer.state`,
+            and `report()` -> dict of fields added to the result.
+
+        On preemption (SIGTERM) the current step finishes, a checkpoint is saved
+        synchronously, and the returned result has preempted=True (no result.json).
+        """
+        with PreemptionWatcher() as preemption:
+            if supervisor is None:
+                loop = self.make_loop(hooks=self.checkpoint_hooks(), should_stop=preemption.reached)
+                self.state = loop.run(self.state)
+            else:
+                supervisor.run(self, should_stop=preemption.reached)
+        step = int(to_host(self.state.step))
+        if step < self.num_steps:
+            return self.stop_preempted(step)
+        self.save_checkpoint(step, self.state, wait=True)
+        return self.finish(supervisor.report() if supervisor else {})
+
+    def stop_preempted(self, step: int) -> dict:
+        """Saves now, records the preemption and closes; the next start resumes."""
+        self.save_checkpoint(step, self.state, wait=True)
+        self.events.record("preemption", step, action="saved checkpoint and exited")
+        logging.warning("preempted at step %d: checkpoint saved, exiting", step)
+        self.preempted = True
+        self.close()
+        return {"preempted": True, "steps": step}
+
+    def close(self) -> None:
+        """Waits for pending saves and closes every writer."""
+        self.checkpointer.close()
+        self.metrics.close()
+        self.events.close()
+
+    def finish(self, extra: dict | None = None) -> dict:
+        """Writes and returns result.json for the current state (plus `extra` fields)."""
         result = {
             **self.evaluate(),
             "loss": self._last_metrics.get("loss"),
@@ -135,27 +278,37 @@ class Trainer:
             "model": self.config.model.name,
             "data": self.dataset.name,
         }
-        write_result(self.workdir, result)
-        self.metrics.close()
-        self.events.close()
+        result.update(extra or {})
+        result["checkpoint_saves"] = self.checkpointer.saves
+        result["checkpoint_failed_saves"] = self.checkpointer.failed_saves
+        if distributed.is_coordinator():
+            write_result(self.workdir, result)
+            np.savez(os.path.join(self.workdir, "params.npz"), **flat_params(self.state.params))
+        self.close()
         return result
 
 
-def describe(result: dict[str, Any]) -> str:
-    """A one-screen table of a result."""
-    keys = (
-        "model",
-        "data",
-        "num_devices",
-        "steps",
-        "loss",
-        "train_accuracy",
-        "test_accuracy",
-        "wall_time_s",
-        "params_sha256",
-    )
+def _process_dir(workdir: str) -> str:
+    return os.path.join(workdir, f"process_{distributed.process_index()}")
+
+
+def describe(result: dict[str, Any], events: list[dict] = ()) -> str:
+    """A one-screen table of a result, and the faults and recoveries of the run."""
+    keys = ("model", "data", "num_devices", "steps", "loss", "train_accuracy", "test_accuracy",
+            "wall_time_s", "goodput", "lost_steps", "params_sha256")  # fmt: skip
     lines = []
     for k in keys:
         v = result.get(k)
-        lines.append(f"{k:<16} {v:.4f}" if isinstance(v, float) else f"{k:<16} {v}")
+        if v is not None:
+            lines.append(f"{k:<16} {v:.4f}" if isinstance(v, float) else f"{k:<16} {v}")
+    shown = [e for e in events if e["kind"] != "fault_injected"]
+    if shown:
+        lines.append("events:")
+    for e in shown:
+        lost = e.get("seconds_lost")
+        lines.append(
+            f"  step {e['step'] if e['step'] is not None else '-':>5}  {e['kind']:<12} "
+            f"devices {e.get('devices', [])}  "
+            f"{e.get('action', '')}" + (f"  ({lost:.2f} s lost)" if lost is not None else "")
+        )
     return "\n".join(lines)

@@ -75,6 +75,9 @@ def make_tree_step(model: Any, mesh: Mesh, donate: bool = False) -> StepFn:
             "grad_norm": jnp.sqrt(sums["grad_sq"]) / sums["weight"],
             "param_norm": jnp.linalg.norm(params["leaf"]),
             "skipped": (~ok).astype(jnp.int32),
+            "set_aside": jnp.int32(0),
+            "samples": sums["weight"],
+            "epoch": batch["pos"]["epoch"] - (batch["pos"]["index"] == 0),
         }
         return new_state, metrics
 

@@ -1,0 +1,169 @@
+"""Chaos runs: a matrix of fault plans against one config, each run as a real process
+that is restarted (the same command) until it completes, as a job scheduler would.
+
+Every plan is compared with the fault-free run of the same config: completion,
+test accuracy, largest relative parameter difference, lost steps, recovery seconds
+and goodput (fault-free wall time / this plan's wall time, restarts included).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+DEFAULT_PLANS = (
+    "device_loss@100:3",
+    "device_loss@80:3,device_loss@160:1+2",
+    "nan@60",
+    "nan@120-124",
+    "bitflip@130:1",
+    "hang@160:2",
+    "slow@50-150:0",
+    "sigterm@200",
+    "sigkill@170",
+    "device_loss@50:3,nan@100,bitflip@150:1,sigkill@220",
+)
+
+# Settings every chaos run uses on top of the config: protections on, short watchdog.
+CHAOS_OVERRIDES = (
+    "--config.checkpoint.every_steps=25",
+    "--config.supervisor.fingerprint_every=25",
+    "--config.supervisor.watchdog_secs=5",
+    "--config.train.log_every=100000",
+)
+
+
+@dataclasses.dataclass
+class PlanOutcome:
+    """One plan's row of the chaos table."""
+
+    plan: str
+    completed: bool
+    attempts: int
+    exit_codes: list[int]
+    test_accuracy: float | None
+    param_rel_diff: float | None
+    lost_steps: int
+    recovery_seconds: float
+    wall_seconds: float
+    goodput: float | None = None
+
+
+def _events(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, "events.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def lost_work(events: list[dict]) -> tuple[int, float]:
+    """(steps computed twice, seconds lost) over all attempts of a run.
+
+    Detections and in-process recoveries carry seconds_lost (and steps_redone). A
+    crash (hang, sigkill, preemption) also costs the steps between the newest
+    checkpoint and the crash, and the time from the crash to the restart's resume.
+    """
+    steps = 0
+    seconds = 0.0
+    crash: dict | None = None
+    for e in events:
+        steps += e.get("steps_redone", 0)
+        seconds += e.get("seconds_lost", 0.0)
+        killed = e["kind"] == "fault_injected" and e["fault_kind"] == "sigkill"
+        if killed or e["kind"] in ("hang", "preemption"):
+            crash = e
+        elif e["kind"] == "resumed" and crash is not None:
+            steps += max(0, crash["step"] - e["step"])
+            seconds += e["time"] - crash["time"]
+            crash = None
+    return steps, seconds
+
+
+def run_plan(
+    command: list[str], workdir: str, plan: str, max_attempts: int = 6, timeout: float = 600
+) -> tuple[list[int], float]:
+    """Runs `command` with the plan until it completes (or attempts run out).
+
+    A preempted run exits 0 without result.json; like a scheduler, run it again.
+    """
+    codes = []
+    t0 = time.perf_counter()
+    for _ in range(max_attempts):
+        args = [*command, f"--workdir={workdir}", f"--config.faults={plan}"]
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+        codes.append(proc.returncode)
+        if proc.returncode == 0 and os.path.exists(os.path.join(workdir, "result.json")):
+            break
+        if proc.returncode == 2:  # bad input: a restart cannot help
+            sys.stderr.write(proc.stderr[-2000:])
+            break
+    return codes, time.perf_counter() - t0
+
+
+def _params(workdir: str) -> dict[str, np.ndarray] | None:
+    path = os.path.join(workdir, "params.npz")
+    if not os.path.exists(path):
+        return None
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+def _rel_diff(a: dict, b: dict) -> float:
+    return max(float(np.max(np.abs(a[k] - b[k]) / np.maximum(np.abs(b[k]), 1e-6))) for k in b)
+
+
+def run_matrix(command: list[str], base_dir: str, plans=DEFAULT_PLANS) -> list[PlanOutcome]:
+    """Runs the fault-free reference and every plan; returns one outcome per plan."""
+    command = [*command, *CHAOS_OVERRIDES]
+    ref_dir = os.path.join(base_dir, "fault_free")
+    _, ref_wall = run_plan(command, ref_dir, "")
+    ref = _params(ref_dir)
+    outcomes = []
+    for i, plan in enumerate(["", *plans]):
+        workdir = ref_dir if not plan else os.path.join(base_dir, f"plan{i:02d}")
+        codes, wall = ([0], ref_wall) if not plan else run_plan(command, workdir, plan)
+        result_path = os.path.join(workdir, "result.json")
+        result = json.load(open(result_path)) if os.path.exists(result_path) else {}  # noqa: SIM115
+        steps, seconds = lost_work(_events(workdir))
+        params = _params(workdir)
+        outcomes.append(
+            PlanOutcome(
+                plan=plan or "(none)",
+                completed=codes[-1] == 0 and bool(result),
+                attempts=len(codes),
+                exit_codes=codes,
+                test_accuracy=result.get("test_accuracy"),
+                param_rel_diff=_rel_diff(params, ref) if params and ref else None,
+                lost_steps=steps,
+                recovery_seconds=seconds,
+                wall_seconds=wall,
+                goodput=ref_wall / wall if wall else None,
+            )
+        )
+    return outcomes
+
+
+def table(outcomes: list[PlanOutcome]) -> str:
+    """The chaos table in markdown."""
+    head = (
+        "| plan | completed | attempts (exit codes) | test acc | max rel param diff "
+        "| lost steps | recovery s | wall s | goodput |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    for o in outcomes:
+        diff = "-" if o.param_rel_diff is None else f"{o.param_rel_diff:.1e}"
+        acc = "-" if o.test_accuracy is None else f"{o.test_accuracy:.4f}"
+        good = "-" if o.goodput is None else f"{o.goodput:.2f}"
+        lines.append(
+            f"| `{o.plan}` | {'yes' if o.completed else 'NO'} | {o.attempts} "
+            f"({','.join(map(str, o.exit_codes))}) | {acc} | {diff} | {o.lost_steps} "
+            f"| {o.recovery_seconds:.2f} | {o.wall_seconds:.1f} | {good} |"
+        )
+    return "\n".join(lines)

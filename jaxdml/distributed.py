@@ -1,0 +1,218 @@
+"""Multi-controller JAX: one process per host, joined by `jax.distributed`.
+
+A run is multi-process when `config.distributed` (or the environment set by
+`jaxdml.launch`) says so; otherwise nothing here touches JAX and a
+single-process run behaves exactly as before. Settings are taken, field by
+field, from the config when it sets them, else from the launcher's environment:
+
+  config.distributed.coordinator_address  or  JAXDML_COORDINATOR
+  config.distributed.num_processes (> 0)  or  JAXDML_NUM_PROCESSES
+  config.distributed.process_id (>= 0)    or  JAXDML_PROCESS_ID
+  JAXDML_NUM_CPU_DEVICES                  or  config.num_cpu_devices (per process)
+
+The device count is the one exception: the launcher's environment wins over the
+config, because the launcher decides how the machine's devices are split among
+the processes it starts. On a cluster (Cloud TPU VM, SLURM, Open MPI)
+`config.distributed.auto_detect=True` lets `jax.distributed.initialize()` find
+whatever is not given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+from collections.abc import Mapping
+
+import jax
+import ml_collections
+from absl import logging
+
+from jaxdml import mesh as mesh_lib
+from jaxdml.cli import ENV_COORDINATOR, ENV_NUM_CPU_DEVICES, ENV_NUM_PROCESSES, ENV_PROCESS_ID
+from jaxdml.config import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Resolved distributed settings of this process (None: left to auto-detection)."""
+
+    coordinator_address: str | None
+    num_processes: int | None
+    process_id: int | None
+    num_cpu_devices: int
+    auto_detect: bool
+
+    @property
+    def multi_process(self) -> bool:
+        return self.auto_detect or (self.num_processes or 1) > 1
+
+
+def _env_int(env: Mapping[str, str], name: str, lo: int) -> int | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"environment {name}={raw!r} must be an integer") from None
+    if value < lo:
+        raise ConfigError(f"environment {name}={raw!r} must be >= {lo}")
+    return value
+
+
+def resolve(config: ml_collections.ConfigDict, env: Mapping[str, str] | None = None) -> Settings:
+    """Merges `config.distributed` with the launcher's environment (see the module docstring).
+
+    Args:
+      config: a validated config.
+      env: the environment (default: os.environ).
+
+    Returns:
+      The settings; raises ConfigError when a multi-process run lacks a coordinator
+      address or process id, or the process id is out of range.
+    """
+    env = os.environ if env is None else env
+    d = config.distributed
+    coordinator = d.coordinator_address or env.get(ENV_COORDINATOR, "").strip() or None
+    num_processes = d.num_processes or _env_int(env, ENV_NUM_PROCESSES, 1)
+    process_id = d.process_id if d.process_id >= 0 else _env_int(env, ENV_PROCESS_ID, 0)
+    env_devices = _env_int(env, ENV_NUM_CPU_DEVICES, 1)
+    settings = Settings(
+        coordinator,
+        num_processes,
+        process_id,
+        env_devices if env_devices is not None else config.num_cpu_devices,
+        bool(d.auto_detect),
+    )
+    if settings.multi_process and not settings.auto_detect:
+        if coordinator is None:
+            raise ConfigError(
+                f"config.distributed.coordinator_address (or {ENV_COORDINATOR}) is required "
+                f"for {num_processes} processes"
+            )
+        if process_id is None:
+            raise ConfigError(
+                f"config.distributed.process_id (or {ENV_PROCESS_ID}) is required "
+                f"for {num_processes} processes"
+            )
+    if num_processes and process_id is not None and process_id >= num_processes:
+        raise ConfigError(
+            f"config.distributed.process_id ({process_id}) must be < "
+            f"config.distributed.num_processes ({num_processes})"
+        )
+    return settings
+
+
+def initialize(config: ml_collections.ConfigDict) -> bool:
+    """Joins the multi-process job described by `config` (no-op for a single process).
+
+    Must run before any JAX computation: it sets the per-process CPU device count,
+    the CPU collectives (gloo) and, when the supervisor is on, JAX's recoverability
+    mode (a peer's death becomes a catchable error instead of aborting the job).
+    Calling it again in a process that already joined does nothing.
+
+    Args:
+      config: a validated config.
+
+    Returns:
+      True when this process is part of a multi-process job.
+    """
+    settings = resolve(config)
+    if not settings.multi_process:
+        return False
+    if jax.distributed.is_initialized():
+        return True
+    d = config.distributed
+    if settings.num_cpu_devices > 0:
+        jax.config.update("jax_num_cpu_devices", settings.num_cpu_devices)
+    # Only the CPU client reads this; on GPU/TPU it is inert, so no platform check.
+    jax.config.update("jax_cpu_collectives_implementation", d.cpu_collectives)
+    if config.supervisor.enabled:
+        jax.config.update("jax_enable_recoverability", True)
+    logging.info(
+        "jax.distributed: coordinator=%s process %s of %s%s",
+        settings.coordinator_address or "auto",
+        settings.process_id if settings.process_id is not None else "auto",
+        settings.num_processes or "auto",
+        " (recoverable)" if config.supervisor.enabled else "",
+    )
+    try:
+        jax.distributed.initialize(
+            coordinator_address=settings.coordinator_address,
+            num_processes=settings.num_processes,
+            process_id=settings.process_id,
+            initialization_timeout=d.initialization_timeout_secs,
+            heartbeat_timeout_seconds=d.heartbeat_timeout_secs,
+            shutdown_timeout_seconds=d.shutdown_timeout_secs,
+        )
+    except RuntimeError as e:
+        if "before any JAX calls" in str(e):
+            raise RuntimeError(
+                "jaxdml.distributed.initialize must run before any JAX computation; "
+                "a multi-process run cannot start in a process whose JAX backend already runs"
+            ) from e
+        raise
+    return True
+
+
+def default_devices(config: ml_collections.ConfigDict) -> list[jax.Device]:
+    """The devices a run trains on: every device of the job when multi-process,
+    else `config.num_cpu_devices` (or JAXDML_NUM_CPU_DEVICES) local ones."""
+    if jax.distributed.is_initialized():  # Not jax.process_count(): it would start JAX.
+        return list(jax.devices())
+    return mesh_lib.select_devices(resolve(config).num_cpu_devices)
+
+
+def process_index() -> int:
+    """This process's index in the job (0 when single-process; never starts JAX)."""
+    return jax.process_index() if jax.distributed.is_initialized() else 0
+
+
+def is_coordinator() -> bool:
+    """True in process 0, the one that writes the run's records (result.json, metrics)."""
+    return process_index() == 0
+
+
+_barrier_ids = itertools.count()
+
+
+def _client():
+    """The coordination-service client. jax has no public accessor for it; its own
+    multihost_utils.live_devices reads it the same way."""
+    from jax._src.distributed import global_state
+
+    return global_state.client
+
+
+def barrier(name: str, timeout_secs: float, process_ids: list[int] | None = None) -> None:
+    """Waits until every process of the job reaches this point (no-op single-process).
+
+    A coordination-service barrier, not a device collective, so it has a deadline:
+    a peer that never arrives is an error after `timeout_secs`, not a hang.
+    """
+    if jax.distributed.is_initialized():
+        barrier_id = f"jaxdml_{name}_{next(_barrier_ids)}"
+        _client().wait_at_barrier(barrier_id, int(timeout_secs * 1000), process_ids)
+
+
+def shutdown(timeout_secs: float, process_ids: list[int] | None = None) -> None:
+    """Leaves the job in order at the end of a successful run (no-op single-process).
+
+    In recoverable mode JAX's exit path no longer holds the processes together: process
+    0 could stop the coordination service while a peer's disconnect is still in flight,
+    and that peer then aborts. So: all meet at a barrier, the others disconnect, and
+    process 0 waits (get_live_nodes returns once they are gone) before stopping the service.
+
+    Args:
+      timeout_secs: how long to wait at the barrier for the slowest process.
+      process_ids: the processes still in the job (default: all); after a host loss,
+        only the survivors meet.
+    """
+    if not jax.distributed.is_initialized():
+        return
+    ids = list(range(jax.process_count())) if process_ids is None else sorted(process_ids)
+    barrier("finish", timeout_secs, ids)
+    if is_coordinator():
+        _client().get_live_nodes(ids)
+    jax.distributed.shutdown()

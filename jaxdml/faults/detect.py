@@ -1,0 +1,239 @@
+"""Detectors: pytree fingerprints (checkpoint checksums, replica agreement)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_K1, _K2, _K3 = 0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D
+
+
+def _leaf_bits(x: jax.Array) -> jax.Array:
+    """The leaf's raw bits as a flat uint32 vector (bitwise: -0.0 != 0.0, NaN payloads count)."""
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    if x.dtype.itemsize == 8:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+    if x.dtype.itemsize < 4:
+        x = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
+        return x.astype(jnp.uint32).reshape(-1)
+    return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+
+
+def fingerprint(tree: Any) -> jax.Array:
+    """A 64-bit (uint32[2]) position-sensitive hash of every bit of every leaf.
+
+    Integer sums wrap and are associative, so the value does not depend on
+    reduction order or device count: the same bits give the same fingerprint
+    on any mesh. Not cryptographic; it catches torn files and flipped bits.
+    """
+    h = jnp.zeros((2,), jnp.uint32)
+    for i, leaf in enumerate(jax.tree.leaves(tree)):
+        bits = _leaf_bits(leaf)
+        pos = jnp.arange(bits.shape[0], dtype=jnp.uint32)
+        a = jnp.sum((bits ^ (pos * jnp.uint32(_K1))) * jnp.uint32(_K2), dtype=jnp.uint32)
+        b = jnp.sum((bits + pos * jnp.uint32(_K3)) ^ (bits >> 7), dtype=jnp.uint32)
+        salt = jnp.uint32(i + 1) * jnp.uint32(_K3)
+        h = h + jnp.stack([a ^ salt, b * (salt | jnp.uint32(1))])
+    return h
+
+
+def fingerprint_hex(tree: Any) -> str:
+    """`fingerprint` as a 16-digit hex string (computed where the tree's arrays live)."""
+    value = np.asarray(jax.device_get(jax.jit(fingerprint)(tree)))
+    return f"{int(value[0]):08x}{int(value[1]):08x}"
+
+
+class PreemptionWatcher:
+    """SIGTERM (single process) or JAX's preemption sync point (multi-host) -> stop now.
+
+    Use as a context manager around the loop; `reached(step)` is True once a
+    preemption notice arrived (every process agrees on the step when multi-host).
+    """
+
+    def __init__(self):
+        self._flag = False
+        self._previous = None
+
+    def __enter__(self) -> PreemptionWatcher:
+        import signal
+        import threading
+
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def _on_sigterm(self, signum, frame) -> None:
+        del signum, frame
+        self._flag = True
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        return self._flag
+
+
+# ----------------------------------------------------------------- failure kinds
+
+DEVICE_LOSS = "device_loss"
+HOST_LOSS = "host_loss"
+PROGRAMMING = "programming"
+
+_LOSS_MARKERS = ("UNAVAILABLE", "device lost", "lost during step", "DEVICE_LOST", "DATA_LOSS")
+_HOST_MARKERS = ("Gloo", "Connection reset", "Connection closed", "heartbeat", "ProcessFailure")
+
+
+def classify(error: BaseException) -> str:
+    """What kind of failure an exception from the step is.
+
+    Returns:
+      HOST_LOSS (a peer process died: collectives or the coordination service failed),
+      DEVICE_LOSS (a device stopped answering), or PROGRAMMING (anything else: a bug
+      or bad input, which must be re-raised, never retried).
+    """
+    from jaxdml.faults.inject import InjectedDeviceLoss
+
+    if isinstance(error, InjectedDeviceLoss):
+        return DEVICE_LOSS
+    name = type(error).__name__
+    text = f"{name}: {error}"
+    if name == "ProcessFailureError" or any(m in text for m in _HOST_MARKERS):
+        return HOST_LOSS
+    if name in ("JaxRuntimeError", "XlaRuntimeError") and any(m in text for m in _LOSS_MARKERS):
+        return DEVICE_LOSS
+    return PROGRAMMING
+
+
+# ------------------------------------------------------------ replica agreement
+
+
+def replica_fingerprints(tree: Any, mesh) -> np.ndarray:
+    """Each device's fingerprint of its own copy of a replicated pytree: uint32[D, 2].
+
+    Under shard_map every device hashes its local buffer, so a replica that differs
+    (a flipped bit, silent data corruption) gets a different row.
+    """
+    from jax.sharding import PartitionSpec as P
+
+    axis = mesh.axis_names[0]
+
+    def local(t):
+        return fingerprint(jax.lax.pcast(t, axis, to="varying"))[None]
+
+    fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P(), out_specs=P(axis)))
+    return np.asarray(jax.device_get(fn(tree))).reshape(-1, 2)
+
+
+def majority(fingerprints: np.ndarray, device_ids: list[int]) -> tuple[list[int], list[int]]:
+    """Splits devices into (agreeing majority, odd ones out) by fingerprint.
+
+    With no strict majority, every device is 'odd' and none can be trusted.
+    """
+    rows = [tuple(int(v) for v in r) for r in fingerprints]
+    counts: dict[tuple, int] = {}
+    for r in rows:
+        counts[r] = counts.get(r, 0) + 1
+    best, n = max(counts.items(), key=lambda kv: kv[1])
+    if n * 2 <= len(rows) and len(counts) > 1:
+        return [], list(device_ids)
+    good = [d for d, r in zip(device_ids, rows, strict=True) if r == best]
+    odd = [d for d, r in zip(device_ids, rows, strict=True) if r != best]
+    return good, odd
+
+
+# ------------------------------------------------------------ numerical guards
+
+
+class AnomalyGuard:
+    """Counts skipped (non-finite) updates and loss spikes; asks for a rollback when
+    `max_anomalies` fall within `window` steps.
+
+    A spike is a loss more than `spike_zscore` standard deviations above the mean
+    of the last `history` finite losses (0 disables spike detection).
+    """
+
+    def __init__(
+        self, max_anomalies: int, window: int, spike_zscore: float = 0.0, history: int = 50
+    ):
+        self.max_anomalies, self.window = max_anomalies, window
+        self.spike_zscore, self.history = spike_zscore, history
+        self._anomalies: list[int] = []
+        self._losses: list[float] = []
+
+    def observe(self, step: int, loss: float, skipped: bool) -> str | None:
+        """Returns 'nan', 'spike' or None for this step."""
+        kind = "nan" if skipped or not np.isfinite(loss) else None
+        if kind is None and self.spike_zscore > 0 and len(self._losses) >= 10:
+            mean, std = float(np.mean(self._losses)), float(np.std(self._losses))
+            if std > 0 and (loss - mean) / std > self.spike_zscore:
+                kind = "spike"
+        if kind is None:
+            self._losses = (self._losses + [loss])[-self.history :]
+            return None
+        self._anomalies = [s for s in self._anomalies if s > step - self.window] + [step]
+        return kind
+
+    @property
+    def rollback_due(self) -> bool:
+        return len(self._anomalies) >= self.max_anomalies
+
+    def recent(self) -> list[int]:
+        return list(self._anomalies)
+
+    def reset(self) -> None:
+        self._anomalies = []
+
+
+# --------------------------------------------------------------------- watchdog
+
+
+class Watchdog:
+    """Calls `on_hang(seconds_since_progress)` once if `pet()` is not called for `timeout`
+    seconds. A hung XLA computation cannot be cancelled in-process; `on_hang` is
+    expected to record the hang and exit, so that a restart resumes from a checkpoint.
+    """
+
+    def __init__(self, timeout: float, on_hang, clock=None, poll: float | None = None):
+        import threading
+        import time
+
+        self.timeout, self.on_hang = timeout, on_hang
+        self.clock = clock or time.monotonic
+        self.poll = poll if poll is not None else max(0.05, min(1.0, timeout / 10))
+        self._last = self.clock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="jaxdml-watchdog", daemon=True)
+        self.fired = False
+
+    def pet(self) -> None:
+        self._last = self.clock()
+
+    def __enter__(self) -> Watchdog:
+        if self.timeout > 0:
+            self.pet()
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll):
+            idle = self.clock() - self._last
+            if idle >= self.timeout and not self.fired:
+                self.fired = True
+                self.on_hang(idle)
+                return

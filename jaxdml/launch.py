@@ -1,0 +1,438 @@
+"""Local multi-process launcher with cold restart: several "hosts" on one machine.
+
+  python -m jaxdml.launch --num_processes=2 --devices_per_process=2 --max_restarts=3 -- \\
+      python -m experiments.train --config=configs/seed_logreg.py:smoke --workdir=/tmp/run
+
+Starts N copies of the command with the coordinator settings in the environment
+(JAXDML_COORDINATOR, JAXDML_NUM_PROCESSES, JAXDML_PROCESS_ID,
+JAXDML_NUM_CPU_DEVICES; see jaxdml/distributed.py), streams their output
+prefixed with `[pI]`, and watches them:
+
+- a process exits 0: done; the group is done when all are.
+- a process exits with a failure status, or the coordinator (process 0) dies:
+  the job cannot go on in-process, so the others are stopped (SIGTERM, SIGKILL
+  after --failure_grace_secs) and the whole group is started again, up to
+  --max_restarts times with exponential backoff. Status 2 (bad input) is never
+  restarted: the same input fails the same way.
+- a non-coordinator is killed by a signal (a lost host): with --hot_recovery the
+  survivors decide (they recover in-process, or exit with a failure status, which
+  restarts the group); without it, it is a failure like any other. (Measured: in
+  recoverable mode a survivor that does not call live_devices waits in its next
+  collective forever, and JAX's preemption notifier swallows SIGTERM, so only the
+  SIGKILL after --failure_grace_secs stops it.)
+
+Every restart is a JSON line in <workdir>/events.jsonl when the command names a
+--workdir. The launcher exits with the group's status (0 when all exited 0).
+
+Cleanup: each child runs in its own session (process group), so a Ctrl-C in the
+terminal reaches only the launcher, which stops the children in order, and a
+stop reaches whatever a child started. If the launcher itself is SIGKILLed no
+code of it runs, so on Linux each child asks the kernel for SIGKILL when its
+parent dies (prctl PR_SET_PDEATHSIG). The kernel ties that to the thread that
+forked the child, so this launcher has one thread and multiplexes the
+children's output with selectors. A child's own children are not covered by
+that signal (it is not inherited across fork); training processes start none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import json
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from absl import app, flags, logging
+
+from jaxdml.cli import (
+    ENV_ATTEMPT,
+    ENV_COORDINATOR,
+    ENV_NUM_CPU_DEVICES,
+    ENV_NUM_PROCESSES,
+    ENV_PROCESS_ID,
+    EXIT_BAD_INPUT,
+    EXIT_OK,
+    NO_RESTART_EXIT_CODES,
+    parse_flags,
+)
+
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 2, "Processes to start.", lower_bound=1)
+_DEVICES = flags.DEFINE_integer(
+    "devices_per_process",
+    0,
+    "Simulated CPU devices per process (0: as the config says).",
+    lower_bound=0,
+)
+_MAX_RESTARTS = flags.DEFINE_integer(
+    "max_restarts", 0, "Cold restarts of the whole group at most.", lower_bound=0
+)
+_PORT = flags.DEFINE_integer(
+    "coordinator_port", 0, "Coordinator port (0: a free port for each start).", lower_bound=0
+)
+_BACKOFF = flags.DEFINE_float(
+    "backoff_secs", 1.0, "Wait before the first restart; doubles each time.", lower_bound=0.0
+)
+_MAX_BACKOFF = flags.DEFINE_float(
+    "max_backoff_secs", 30.0, "Longest wait between restarts.", lower_bound=0.0
+)
+_HOT_RECOVERY = flags.DEFINE_bool(
+    "hot_recovery",
+    False,
+    "The processes survive the loss of a non-coordinator in-process (live_devices): leave a "
+    "process killed by a signal to them. False: any lost process restarts the group.",
+)
+_GRACE = flags.DEFINE_float(
+    "grace_secs",
+    10.0,
+    "When the launcher is stopped (Ctrl-C, SIGTERM): after SIGTERM to the processes, wait "
+    "this long before SIGKILL (time for a healthy process to checkpoint and exit).",
+    lower_bound=0.0,
+)
+_FAILURE_GRACE = flags.DEFINE_float(
+    "failure_grace_secs",
+    2.0,
+    "When the group failed: the same wait for its survivors. Short, because they are "
+    "usually blocked in a collective with the dead process and cannot act on SIGTERM.",
+    lower_bound=0.0,
+)
+
+_PR_SET_PDEATHSIG = 1
+_POLL_SECS = 0.1
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+# ---- policy (pure functions) ----
+
+
+def signal_status(returncode: int) -> int:
+    """A Popen returncode as a shell exit status: killed by signal N -> 128 + N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def classify_exit(process_id: int, returncode: int, hot_recovery: bool) -> str:
+    """What one process's exit means for the group.
+
+    Returns:
+      'done' (exited 0), 'lost' (with hot recovery, a non-coordinator killed by a
+      signal: the survivors recover in-process or fail themselves), or 'fail' (any
+      other exit: the group cannot go on). Without hot recovery a lost process is a
+      failure: its peers would wait for it in their next collective forever.
+    """
+    if returncode == 0:
+        return "done"
+    if hot_recovery and returncode < 0 and process_id != 0:
+        return "lost"
+    return "fail"
+
+
+def should_restart(status: int, restarts_done: int, max_restarts: int) -> bool:
+    """True when a group that failed with `status` gets another start."""
+    return status not in NO_RESTART_EXIT_CODES and restarts_done < max_restarts
+
+
+def backoff_secs(restarts_done: int, base: float, cap: float) -> float:
+    """Wait before restart number `restarts_done + 1`: base, 2*base, 4*base, ... at most cap."""
+    return min(base * 2.0**restarts_done, cap)
+
+
+def workdir_of(command: Sequence[str]) -> str | None:
+    """The value of a `--workdir=X` or `--workdir X` argument of `command`, if any."""
+    for i, arg in enumerate(command):
+        if arg.startswith("--workdir="):
+            return arg.split("=", 1)[1]
+        if arg == "--workdir" and i + 1 < len(command):
+            return command[i + 1]
+    return None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+# ---- processes ----
+
+
+def _die_with_parent(launcher_pid: int) -> None:
+    """preexec_fn: SIGKILL this child when the launcher dies, even by SIGKILL."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != launcher_pid:  # the launcher died before prctl took effect
+        os._exit(1)
+
+
+@dataclasses.dataclass
+class Child:
+    """One started process, its output buffer and how it ended."""
+
+    process_id: int
+    proc: subprocess.Popen
+    partial: bytes = b""
+    outcome: str | None = None  # classify_exit's verdict once it exited
+
+    def signal_group(self, sig: int) -> None:
+        """Sends `sig` to the child's process group, if the child is not yet reaped."""
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+
+
+def child_env(process_id: int, num_processes: int, devices: int, port: int, attempt: int) -> dict:
+    """The environment of process `process_id`: coordinator settings for jaxdml.distributed."""
+    env = dict(os.environ)
+    env.update(
+        {
+            ENV_COORDINATOR: f"127.0.0.1:{port}",
+            # Bind the coordination service to loopback: a local job exposes nothing.
+            "JAX_COORDINATOR_BIND_ADDRESS": f"127.0.0.1:{port}",
+            ENV_NUM_PROCESSES: str(num_processes),
+            ENV_PROCESS_ID: str(process_id),
+            ENV_ATTEMPT: str(attempt),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    if devices > 0:
+        env[ENV_NUM_CPU_DEVICES] = str(devices)
+    return env
+
+
+class Group:
+    """N processes of one start: launched together, watched together, stopped together."""
+
+    def __init__(self, command: Sequence[str], num_processes: int, devices: int, attempt: int):
+        self.port = _PORT.value or free_port()
+        self.children: list[Child] = []
+        self.selector = selectors.DefaultSelector()
+        self.stopping = False
+        self.failed_at: float | None = None  # time.monotonic() when a failure was seen
+        try:
+            for i in range(num_processes):
+                self._start(command, i, num_processes, devices, attempt)
+        except BaseException:
+            self.stop(grace=0.0)  # a failed start (no such program) leaves no process behind
+            raise
+
+    def _start(
+        self, command: Sequence[str], i: int, num_processes: int, devices: int, attempt: int
+    ) -> None:
+        launcher_pid = os.getpid()
+        proc = subprocess.Popen(
+            list(command),
+            env=child_env(i, num_processes, devices, self.port, attempt),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=lambda: _die_with_parent(launcher_pid),
+        )
+        child = Child(i, proc)
+        os.set_blocking(proc.stdout.fileno(), False)
+        self.selector.register(proc.stdout, selectors.EVENT_READ, child)
+        self.children.append(child)
+
+    def pids(self) -> list[int]:
+        return [c.proc.pid for c in self.children]
+
+    def pump(self, timeout: float) -> None:
+        """Copies whatever output is ready to stdout, each line prefixed with [pI]."""
+        for key, _ in self.selector.select(timeout):
+            child: Child = key.data
+            chunk = os.read(key.fd, 1 << 16)
+            if not chunk:
+                self.selector.unregister(key.fileobj)
+                self._emit(child, child.partial, final=True)
+                continue
+            lines = (child.partial + chunk).split(b"\n")
+            child.partial = lines.pop()
+            for line in lines:
+                self._emit(child, line)
+
+    def _emit(self, child: Child, line: bytes, final: bool = False) -> None:
+        if final and not line:
+            return
+        sys.stdout.buffer.write(b"[p%d] %s\n" % (child.process_id, line))
+        sys.stdout.flush()
+
+    def poll(self) -> Child | None:
+        """Reaps exited children; returns the first one whose exit fails the group."""
+        failed = None
+        for child in self.children:
+            if child.outcome is None and child.proc.poll() is not None:
+                child.outcome = (
+                    "stopped"
+                    if self.stopping
+                    else classify_exit(child.process_id, child.proc.returncode, _HOT_RECOVERY.value)
+                )
+                rc = child.proc.returncode
+                logging.info(
+                    "[launch] process %d exited %d (%s)", child.process_id, rc, child.outcome
+                )
+                if child.outcome == "fail" and failed is None:
+                    failed = child
+                    self.failed_at = time.monotonic()
+        return failed
+
+    def running(self) -> list[Child]:
+        return [c for c in self.children if c.proc.returncode is None]
+
+    def stop(self, grace: float) -> None:
+        """SIGTERM to every running child's group; SIGKILL to what is left after `grace`."""
+        self.poll()  # who exited on its own before the stop keeps its verdict
+        self.stopping = True
+        for child in self.running():
+            child.signal_group(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while self.running() and time.monotonic() < deadline:
+            self.pump(_POLL_SECS)
+            self.poll()
+        for child in self.running():
+            logging.warning("[launch] process %d ignored SIGTERM; SIGKILL", child.process_id)
+            child.signal_group(signal.SIGKILL)
+        for child in self.children:
+            child.proc.wait()
+        self.poll()
+        self.close()
+
+    def close(self, drain_secs: float = 2.0) -> None:
+        """Copies the output left in the pipes (for at most `drain_secs`: a process the
+        child started may hold its pipe open) and closes them."""
+        deadline = time.monotonic() + drain_secs
+        while self.selector.get_map() and time.monotonic() < deadline:
+            self.pump(_POLL_SECS)
+        self.selector.close()
+        for child in self.children:
+            child.proc.stdout.close()
+
+
+# ---- the launcher ----
+
+# Set by the SIGTERM/SIGINT handler and checked by the loops below. A flag, not an
+# exception: an exception raised mid-Popen would lose track of a half-started group.
+_stop_signal: list[int] = []
+
+
+def _on_stop_signal(signum: int, frame) -> None:
+    del frame
+    _stop_signal.append(signum)
+
+
+def run_group(group: Group, grace: float, failure_grace: float) -> tuple[int, Child | None]:
+    """Watches `group` until all exited, one failed, or the launcher was told to stop;
+    in the last two cases stops the rest.
+
+    Returns:
+      (the group's exit status, the child that failed it or None); status is
+      128 + signal when the launcher was stopped.
+    """
+    while group.running():
+        if _stop_signal:
+            logging.warning("[launch] got signal %d; stopping the group", _stop_signal[0])
+            group.stop(grace)
+            return 128 + _stop_signal[0], None
+        group.pump(_POLL_SECS)
+        failed = group.poll()
+        if failed is not None:
+            status = signal_status(failed.proc.returncode)
+            who = "coordinator" if failed.process_id == 0 else f"process {failed.process_id}"
+            logging.warning("[launch] %s failed (status %d); stopping the group", who, status)
+            group.stop(failure_grace)
+            return status, failed
+    group.close()
+    return EXIT_OK, None
+
+
+def _sleep_unless_stopped(secs: float) -> None:
+    deadline = time.monotonic() + secs
+    while not _stop_signal and time.monotonic() < deadline:
+        time.sleep(min(_POLL_SECS, max(deadline - time.monotonic(), 0.0)))
+
+
+def _record(path: str | None, **row) -> None:
+    logging.info("[launch] %s", json.dumps(row))
+    if path:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps({"time": time.time(), "step": None, **row}) + "\n")
+
+
+def launch(command: Sequence[str]) -> int:
+    """Runs `command` as a group of processes, cold-restarting it on failure.
+
+    Returns:
+      The exit status: 0 when every process of the last start exited 0, the failing
+      status otherwise, 128 + signal when the launcher itself was stopped.
+    """
+    n, devices = _NUM_PROCESSES.value, _DEVICES.value
+    workdir = workdir_of(command)
+    events = os.path.join(workdir, "events.jsonl") if workdir else None
+    restarts = 0
+    while True:
+        started = time.monotonic()
+        try:
+            group = Group(command, n, devices, restarts)
+        except OSError as e:  # no such program, not executable: a restart cannot help
+            print(f"error: cannot start {command[0]!r}: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        logging.info(
+            "[launch] start %d: %d processes, pids %s, port %d",
+            restarts,
+            n,
+            group.pids(),
+            group.port,
+        )
+        status, failed = run_group(group, _GRACE.value, _FAILURE_GRACE.value)
+        if status == EXIT_OK:
+            logging.info("[launch] all processes exited 0 after %.1f s", time.monotonic() - started)
+            return EXIT_OK
+        if failed is None:  # the launcher was stopped
+            return status
+        fields = dict(
+            process=failed.process_id,
+            exit_code=status,
+            num_processes=n,
+            devices_per_process=devices or None,
+            group_seconds=round(group.failed_at - started, 3),  # start -> failure seen
+            stop_seconds=round(time.monotonic() - group.failed_at, 3),  # -> all stopped
+        )
+        if not should_restart(status, restarts, _MAX_RESTARTS.value):
+            why = "bad input" if status == EXIT_BAD_INPUT else "max_restarts reached"
+            _record(events, kind="launcher_stop", action="stop", reason=why, **fields)
+            return status
+        wait = backoff_secs(restarts, _BACKOFF.value, _MAX_BACKOFF.value)
+        restarts += 1
+        _record(
+            events,
+            kind="cold_restart",
+            action="cold_restart",
+            attempt=restarts,
+            backoff_s=wait,
+            **fields,
+        )
+        _sleep_unless_stopped(wait)
+        if _stop_signal:
+            return 128 + _stop_signal[0]
+
+
+def main(argv: list[str]) -> int:
+    command = argv[1:]
+    if not command:
+        print(
+            "error: no command; usage: python -m jaxdml.launch [flags] -- CMD ...", file=sys.stderr
+        )
+        return EXIT_BAD_INPUT
+    signal.signal(signal.SIGTERM, _on_stop_signal)
+    signal.signal(signal.SIGINT, _on_stop_signal)
+    return launch(command)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

@@ -184,3 +184,15 @@ def test_every_tree_parameter_is_finite(tmp_path):
     params = to_host(trainer.state.params)
     assert all(np.all(np.isfinite(v)) for v in params.values())
     assert np.any(params["threshold_bin"] == trainer.model.num_bins - 1)  # some nodes did not split
+
+
+def test_a_corrupted_batch_skips_its_round(tmp_path):
+    # faults.inject's 'nan' multiplies NaN into x: not bins any more. The round is skipped
+    # (its slot stays empty) and later rounds go on, as a non-finite gradient step would.
+    config = gbdt.get_config("smoke")
+    config.faults = "nan@2"  # the batch of step 3
+    trainer, result = _fit(config, tmp_path, 2)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in rows] == [0, 0, 1, 0, 0]
+    leaf = to_host(trainer.state.params)["leaf"]
+    assert not leaf[2].any() and leaf[3].any() and result["test_accuracy"] > 0.9

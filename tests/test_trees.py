@@ -178,11 +178,12 @@ def test_trees_continue_identically_from_a_host_copy_of_the_state_on_fewer_devic
 
 
 def test_every_tree_parameter_is_finite(tmp_path):
-    # Non-splitting nodes use float32's max as raw threshold, not inf, so NaN/Inf guards
-    # and checkpoint checks can treat GBDT params like any other.
+    # Non-splitting nodes have raw threshold 0 (their subtrees are constant), not inf, so
+    # NaN/Inf guards, norms and checkpoint checks treat GBDT params like any other.
     trainer, _ = _fit(gbdt.get_config("smoke"), tmp_path, 2)
     params = to_host(trainer.state.params)
     assert all(np.all(np.isfinite(v)) for v in params.values())
+    assert np.isfinite(sum(float(np.sum(np.square(v, dtype=np.float32))) for v in params.values()))
     assert np.any(params["threshold_bin"] == trainer.model.num_bins - 1)  # some nodes did not split
 
 

@@ -17,11 +17,11 @@ derives the other as parent - smaller (histogram subtraction: half the psum
 volume and fewer scattered updates).
 
 Trees are complete binary trees stored as fixed-size arrays (heap order: node i has
-children 2i+1 and 2i+2); a node that does not split sends every row left with
-threshold bin `num_bins - 1`, so the row reaches a leaf whose value is the node's
-own value. Bin edges are quantiles of the whole training set, computed once on the
-host (see `quantile_bin_edges`); bin b of feature f holds edges[f, b-1] < x <= edges[f, b],
-so "bin <= b" is "x <= edges[f, b]" and the trees predict from raw features too.
+children 2i+1 and 2i+2); a node that does not split sends every row left (threshold
+bin `num_bins - 1`) and every leaf below it holds the node's own value. Bin edges
+are quantiles of the whole training set, computed once on the host (see
+`quantile_bin_edges`); bin b of feature f holds edges[f, b-1] < x <= edges[f, b], so
+"bin <= b" is "x <= edges[f, b]" and the trees predict from raw features too.
 """
 
 from __future__ import annotations
@@ -51,7 +51,6 @@ class Collectives:
 
 
 _TINY = 1e-15  # keeps G^2 / (H + l2) finite when l2 = 0 and a child is empty
-_NO_SPLIT = float(np.finfo(np.float32).max)  # raw threshold of a node that does not split
 
 
 # ----------------------------------------------------------------------------- binning (host)
@@ -333,22 +332,31 @@ class GBDTModel:
     def grow_trees(self, xb, gh, scale, reduce: Collectives) -> dict[str, jax.Array]:
         """Grows one tree per output depth-wise from quantized gh [n, outputs, 2].
 
+        A node that does not split passes its own sums to both children (its rows all
+        go left, by bin), so every leaf below it gets the node's value and the raw
+        threshold does not matter there (it is 0: every parameter stays small).
+
         Returns:
           feature, threshold_bin, threshold [outputs, internal nodes], leaf [outputs, leaves].
         """
         pos = jnp.zeros(gh.shape[:2], jnp.int32)
         hist = reduce.sum(self.histogram(xb, pos, gh, 1))
+        value = None  # sums that set leaf values: [outputs, nodes, 2]
         levels = []
         for depth in range(self.max_depth):
             splits = self.best_splits(hist, scale)
             levels.append(splits)
+            if value is None:
+                value = splits["left"] + splits["right"]
+            split = (splits["bin"] < self.num_bins - 1)[..., None]
+            children = [jnp.where(split, splits[side], value) for side in ("left", "right")]
+            value = jnp.stack(children, axis=2).reshape(value.shape[0], -1, 2)
             if depth + 1 == self.max_depth:
                 break
             f, b = _per_output(splits["feature"], pos), _per_output(splits["bin"], pos)
             pos = 2 * pos + (_row_values(xb, f).astype(jnp.int32) > b)
             hist = self.children_histograms(hist, splits, xb, pos, gh, reduce)
-        sums = jnp.stack([levels[-1]["left"], levels[-1]["right"]], axis=2)
-        sums = sums.reshape(gh.shape[1], -1, 2) / scale[:, None, :]
+        sums = value / scale[:, None, :]
         leaf = -self.learning_rate * sums[..., 0] / jnp.maximum(sums[..., 1] + self.l2, _TINY)
         feature = jnp.concatenate([s["feature"] for s in levels], axis=1)
         bin_ = jnp.concatenate([s["bin"] for s in levels], axis=1)
@@ -356,13 +364,9 @@ class GBDTModel:
         return {"feature": feature, "threshold_bin": bin_, "threshold": threshold, "leaf": leaf}
 
     def _raw_threshold(self, feature: jax.Array, bin_: jax.Array) -> jax.Array:
-        """edges[feature, bin]: "bin <= b" is "x <= edges[f, b]".
-
-        Where nothing splits: float32's max, which every (finite) x is <= and which keeps
-        every parameter finite for NaN/Inf checks.
-        """
-        edges = np.where(np.isfinite(self.edges), self.edges, _NO_SPLIT)
-        padded = np.concatenate([edges, np.full((self.num_features, 1), _NO_SPLIT)], axis=1)
+        """edges[feature, bin]: "bin <= b" is "x <= edges[f, b]"; 0 where nothing splits."""
+        edges = np.where(np.isfinite(self.edges), self.edges, 0.0)
+        padded = np.concatenate([edges, np.zeros((self.num_features, 1))], axis=1)
         return jnp.asarray(padded, jnp.float32)[feature, bin_]
 
     def boost_round(self, params, round_index, xb, y, w, reduce: Collectives = Collectives()):

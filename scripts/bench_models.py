@@ -9,6 +9,7 @@ Ratios are ours / reference: above 1 is slower.
 
   python scripts/bench_models.py                  # markdown table on stdout
   python scripts/bench_models.py --repeats 5 --devices 4 --only gbdt --only svm
+  python scripts/bench_models.py --quick          # one repeat (scripts/bench.py --quick)
 """
 
 from __future__ import annotations
@@ -165,11 +166,14 @@ def _median(runs: list[dict], key: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", dest="repeats", type=int, default=3)
+    parser.add_argument("--quick", dest="quick", action="store_true", help="one repeat")
     parser.add_argument("--devices", type=int, default=4, help="simulated CPU devices for ours")
     parser.add_argument("--only", action="append", choices=sorted(MODELS), default=None)
     parser.add_argument("--data", action="append", choices=sorted(DATASETS), default=None)
     args = parser.parse_args()
+    if args.quick:
+        args.repeats = 1
     jax.config.update("jax_num_cpu_devices", args.devices)
 
     import sklearn

@@ -2,17 +2,55 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import ml_collections
+import numpy as np
 
 from jaxdml.models.linear import LinearModel
+from jaxdml.models.mlp import mlp_classifier
+from jaxdml.models.trees import GBDTModel, quantile_bin_edges
 
 
-def build_model(config: ml_collections.ConfigDict, num_features: int, num_classes: int):
-    """The model named by `config.model.name` for data of this shape."""
+def build_model(
+    config: ml_collections.ConfigDict,
+    num_features: int,
+    num_classes: int,
+    x_train: np.ndarray | None = None,
+):
+    """The model named by `config.model.name` for data of this shape.
+
+    Args:
+      config: the run's config.
+      num_features, num_classes: the data's shape.
+      x_train: the training features; gbdt computes its bin edges from them.
+    """
     m = config.model
     multinomial = m.multiclass == "multinomial" or (m.multiclass == "auto" and num_classes > 2)
     if m.name == "logreg":
         return LinearModel(num_features, num_classes, "logistic", m.l2, multinomial)
     if m.name == "svm":
         return LinearModel(num_features, num_classes, m.svm_loss, m.l2, multinomial)
+    if m.name == "mlp":
+        return mlp_classifier(num_features, num_classes, m.hidden_sizes, m.l2)
+    if m.name == "gbdt":
+        if x_train is None:
+            raise ValueError("gbdt needs x_train to compute its bin edges")
+        return GBDTModel(
+            num_features,
+            num_classes,
+            quantile_bin_edges(x_train, m.num_bins),
+            num_trees=m.num_trees,
+            max_depth=m.max_depth,
+            learning_rate=m.tree_learning_rate,
+            min_child_weight=m.min_child_weight,
+            gamma=m.gamma,
+            l2=m.tree_l2,
+        )
     raise NotImplementedError(f"config.model.name={m.name!r} is not built yet")
+
+
+def model_inputs(model: Any, x: np.ndarray) -> np.ndarray:
+    """The rows as the model's step reads them: `model.encode(x)` (gbdt: integer bins,
+    computed once on the host), or x itself for models without an encoding."""
+    return model.encode(x) if hasattr(model, "encode") else x

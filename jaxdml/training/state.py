@@ -33,6 +33,8 @@ class TrainState:
 def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """The optax optimizer named by `config.train.optimizer`."""
     t = config.train
+    if config.model.name == "gbdt":
+        return optax.identity()  # trees are grown by the boosting step, not by an optimizer
     if t.optimizer == "sgd":
         return optax.sgd(t.learning_rate)
     if t.optimizer == "momentum":

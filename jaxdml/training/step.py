@@ -116,3 +116,15 @@ def make_skip_step(mesh: Mesh) -> StepFn:
 
     rep = replicated(mesh)
     return jax.jit(skip, out_shardings=(rep, rep))
+
+
+def make_step(
+    model: Any, optimizer: optax.GradientTransformation, mesh: Mesh, donate: bool = False
+) -> StepFn:
+    """The step that trains `model`: a boosting round for tree ensembles (models with
+    `boost_round`), otherwise the gradient step with `optimizer`."""
+    if hasattr(model, "boost_round"):
+        from jaxdml.training.tree_step import make_tree_step  # it imports this module
+
+        return make_tree_step(model, mesh, donate)
+    return make_gradient_step(model, optimizer, mesh, donate)

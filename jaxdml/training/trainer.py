@@ -21,7 +21,7 @@ from jaxdml.data import Dataset, GlobalBatcher, load_dataset
 from jaxdml.faults import inject
 from jaxdml.faults.detect import PreemptionWatcher
 from jaxdml.metrics import EventLog, MetricsWriter, write_result
-from jaxdml.models import build_model
+from jaxdml.models import build_model, model_inputs
 from jaxdml.training.loop import Loop, Periodic
 from jaxdml.training.state import (
     TrainState,
@@ -32,7 +32,7 @@ from jaxdml.training.state import (
     params_sha256,
     to_host,
 )
-from jaxdml.training.step import StepFn, make_gradient_step, make_skip_step
+from jaxdml.training.step import StepFn, make_skip_step, make_step
 
 
 class Trainer:
@@ -58,12 +58,15 @@ class Trainer:
         workdir: str,
         devices: Sequence[jax.Device] | None = None,
         dataset: Dataset | None = None,
+        model: Any = None,
     ):
         """Args:
         config: a validated-or-not ConfigDict built on `jaxdml.config.default_config()`.
         workdir: output folder (metrics.jsonl, events.jsonl, result.json, checkpoints).
         devices: devices to train on (default: `config.num_cpu_devices` or all).
         dataset: an already loaded data set (default: load `config.data`).
+        model: a model to train instead of the one `config.model` names, e.g. a
+          `jaxdml.models.mlp.FlaxModel` around your own Flax module.
         """
         self.config = validate(config)
         self.workdir = workdir
@@ -72,11 +75,16 @@ class Trainer:
         devices = devices or distributed.default_devices(config)
         self.dataset = dataset or load_dataset(config.data)
         ds = self.dataset
-        self.model = build_model(config, ds.num_features, ds.num_classes)
+        if model is None:
+            model = build_model(config, ds.num_features, ds.num_classes, ds.x_train)
+        self.model = model
         self.optimizer = build_optimizer(config)
         full = config.train.mode == "full_batch"
         self.batcher = GlobalBatcher(
-            ds.x_train, ds.y_train, None if full else config.train.batch_size, config.seed
+            model_inputs(self.model, ds.x_train),
+            ds.y_train,
+            None if full else config.train.batch_size,
+            config.seed,
         )
         # Process 0 writes the run's records; the others keep theirs apart, per process.
         records = workdir if distributed.is_coordinator() else _process_dir(workdir)
@@ -105,12 +113,13 @@ class Trainer:
 
     @property
     def num_steps(self) -> int:
-        return self.config.train.num_steps
+        m = self.config.model
+        return m.num_trees if m.name == "gbdt" else self.config.train.num_steps  # a step = a round
 
     def set_devices(self, devices: Sequence[jax.Device]) -> None:
         """(Re)builds the mesh over `devices` and the step compiled for it."""
         self.mesh = mesh_lib.make_mesh(devices)
-        self.step_fn: StepFn = make_gradient_step(
+        self.step_fn: StepFn = make_step(
             self.model, self.optimizer, self.mesh, self.config.train.donate
         )
         self.skip_fn: StepFn = make_skip_step(self.mesh)

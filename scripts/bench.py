@@ -762,7 +762,11 @@ def section_goodput(ctx: Context) -> Section:
     bar.update()
     # Faults placed by the fault-free run's own rate land about every goodput_every seconds.
     rate = _steps_per_second(runs["without faults"])
-    plan = goodput_plan(steps, max(1, int(rate * s.goodput_every)))
+    # At least the intended number of faults, even when the calibration and fault-free
+    # runs ran at different speeds (a loaded machine): never space them wider than that.
+    wanted = max(2, int(s.goodput_seconds // s.goodput_every))
+    interval = min(int(rate * s.goodput_every), steps // (wanted + 1))
+    plan = goodput_plan(steps, max(1, interval))
     runs["with faults"] = _goodput_run(os.path.join(base, "faults"), steps, plan, timeout)
     bar.close()
     clean, faulty = runs["without faults"], runs["with faults"]

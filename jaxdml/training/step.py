@@ -53,6 +53,22 @@ def all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+def step_metrics(
+    sums: dict, batch: dict, loss: jax.Array, ok: jax.Array, grad_norm, param_norm
+) -> dict:
+    """The per-step metrics row every step function returns (same keys for all models)."""
+    return {
+        "loss": loss,
+        "batch_accuracy": sums["correct"] / sums["weight"],
+        "grad_norm": grad_norm,
+        "param_norm": param_norm,
+        "skipped": (~ok).astype(jnp.int32),
+        "set_aside": jnp.int32(0),
+        "samples": sums["weight"],
+        "epoch": batch["pos"]["epoch"] - (batch["pos"]["index"] == 0),
+    }
+
+
 def make_gradient_step(
     model: Any, optimizer: optax.GradientTransformation, mesh: Mesh, donate: bool = False
 ) -> StepFn:
@@ -79,16 +95,9 @@ def make_gradient_step(
             opt_state=keep(opt_state, state.opt_state),
             data_pos=batch["pos"],
         )
-        metrics = {
-            "loss": loss,
-            "batch_accuracy": sums["correct"] / sums["weight"],
-            "grad_norm": optax.tree.norm(grads),
-            "param_norm": optax.tree.norm(new_state.params),
-            "skipped": (~ok).astype(jnp.int32),
-            "set_aside": jnp.int32(0),
-            "samples": sums["weight"],
-            "epoch": batch["pos"]["epoch"] - (batch["pos"]["index"] == 0),
-        }
+        metrics = step_metrics(
+            sums, batch, loss, ok, optax.tree.norm(grads), optax.tree.norm(new_state.params)
+        )
         return new_state, metrics
 
     rep = replicated(mesh)

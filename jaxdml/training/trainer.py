@@ -78,6 +78,7 @@ class Trainer:
         if model is None:
             model = build_model(config, ds.num_features, ds.num_classes, ds.x_train)
         self.model = model
+        self._predict = jax.jit(model.predict)  # compiled once, not at every evaluation
         self.optimizer = build_optimizer(config)
         full = config.train.mode == "full_batch"
         self.batcher = GlobalBatcher(
@@ -247,8 +248,8 @@ class Trainer:
           {'train_accuracy': float, 'test_accuracy': float}.
         """
         params = to_host((self.state if state is None else state).params)
-        predict = jax.jit(self.model.predict)
         ds = self.dataset
+        predict = self._predict
         return {
             "train_accuracy": float(np.mean(np.asarray(predict(params, ds.x_train)) == ds.y_train)),
             "test_accuracy": float(np.mean(np.asarray(predict(params, ds.x_test)) == ds.y_test)),

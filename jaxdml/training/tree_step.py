@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 from jaxdml.mesh import DATA_AXIS, replicated
 from jaxdml.models.trees import Collectives
 from jaxdml.training.state import TrainState
-from jaxdml.training.step import StepFn, all_finite
+from jaxdml.training.step import StepFn, all_finite, step_metrics
 
 
 def _psum(tree: Any) -> Any:
@@ -83,16 +83,8 @@ def make_tree_step(model: Any, mesh: Mesh, donate: bool = False) -> StepFn:
         ok = bins_ok & jnp.isfinite(loss) & all_finite(params)
         params = jax.tree.map(lambda a, b: jnp.where(ok, a, b), params, state.params)
         new_state = state.replace(step=state.step + 1, params=params, data_pos=batch["pos"])
-        metrics = {
-            "loss": loss,
-            "batch_accuracy": sums["correct"] / sums["weight"],
-            "grad_norm": jnp.sqrt(sums["grad_sq"]) / sums["weight"],
-            "param_norm": jnp.linalg.norm(params["leaf"]),
-            "skipped": (~ok).astype(jnp.int32),
-            "set_aside": jnp.int32(0),
-            "samples": sums["weight"],
-            "epoch": batch["pos"]["epoch"] - (batch["pos"]["index"] == 0),
-        }
+        grad_norm = jnp.sqrt(sums["grad_sq"]) / sums["weight"]
+        metrics = step_metrics(sums, batch, loss, ok, grad_norm, jnp.linalg.norm(params["leaf"]))
         return new_state, metrics
 
     rep = replicated(mesh)

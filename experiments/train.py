@@ -7,9 +7,9 @@ from ml_collections import config_flags
 
 import jaxdml
 from jaxdml import cli, distributed
+from jaxdml.constants import EXIT_GAVE_UP
+from jaxdml.faults.errors import GaveUp
 from jaxdml.metrics import EventLog
-from jaxdml.supervisor import GaveUp
-from jaxdml.training.trainer import describe
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (also where checkpoints live).")
@@ -22,13 +22,13 @@ def main(argv: list[str]) -> None:
         result = jaxdml.train(_CONFIG.value, _WORKDIR.value)
     except GaveUp as e:
         print(f"gave up: {e} (report: {_WORKDIR.value}/report.json)", file=sys.stderr)
-        sys.exit(cli.EXIT_GAVE_UP)
+        sys.exit(EXIT_GAVE_UP)
     if not distributed.is_coordinator():
         return  # process 0 reports for the job
     if result.get("preempted"):
         print(f"preempted at step {result['steps']}: checkpoint saved; rerun to resume")
         return
-    print(describe(result, EventLog.read(_WORKDIR.value)))
+    print(cli.describe(result, EventLog.read(_WORKDIR.value)))
 
 
 if __name__ == "__main__":

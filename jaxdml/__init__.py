@@ -15,11 +15,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from jaxdml.config import ConfigError, default_config, validate
+from jaxdml.constants import VERSION
 
 if TYPE_CHECKING:
     import ml_collections
 
-__version__ = "0.1.0"
+__version__ = VERSION
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -35,15 +36,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     Raises:
       ConfigError: a bad config value or data (nothing trained).
-      jaxdml.supervisor.GaveUp: too few devices left or the recovery budget spent
+      jaxdml.faults.errors.GaveUp: too few devices left or the recovery budget spent
         (a final checkpoint and workdir/report.json were written).
     """
     from jaxdml import distributed
-    from jaxdml.supervisor import Supervisor
     from jaxdml.training.trainer import Trainer
 
     trainer = Trainer(config, workdir)
-    result = trainer.fit(Supervisor(config) if config.supervisor.enabled else None)
+    result = trainer.fit()
     # Multi-process only: the processes still in the job leave it in order.
     distributed.shutdown(config.distributed.shutdown_timeout_secs, trainer.live_processes)
     return result

@@ -17,6 +17,8 @@ import time
 
 import numpy as np
 
+from jaxdml.metrics import EventLog
+
 DEFAULT_PLANS = (
     "device_loss@100:3",
     "device_loss@80:3,device_loss@160:1+2",
@@ -53,14 +55,6 @@ class PlanOutcome:
     recovery_seconds: float
     wall_seconds: float
     goodput: float | None = None
-
-
-def _events(workdir: str) -> list[dict]:
-    path = os.path.join(workdir, "events.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def lost_work(events: list[dict]) -> tuple[int, float]:
@@ -140,7 +134,7 @@ def run_matrix(
         codes, wall = ([0], ref_wall) if not plan else run_plan(command, workdir, plan)
         result_path = os.path.join(workdir, "result.json")
         result = json.load(open(result_path)) if os.path.exists(result_path) else {}  # noqa: SIM115
-        steps, seconds = lost_work(_events(workdir))
+        steps, seconds = lost_work(EventLog.read(workdir))
         params = _params(workdir)
         outcomes.append(
             PlanOutcome(

@@ -1,30 +1,16 @@
-"""Shared plumbing for the absl entry points in experiments/: clean exits for bad input."""
+"""Shared plumbing for the absl entry points in experiments/: clean exits for bad input,
+and the result table they print."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from absl import app, flags, logging
 
 from jaxdml.config import ConfigError
-
-EXIT_OK = 0
-EXIT_BAD_INPUT = 2  # a bad config value, flag or data file; nothing was trained
-EXIT_GAVE_UP = 3  # the supervisor stopped: too few devices or recovery budget spent
-EXIT_HANG = 4  # the step watchdog saw no progress: a hang turned into a crash
-
-# jaxdml.launch decides on restarts by exit status; a restart cannot fix these
-# (the same input fails the same way). Status 1 is Python's for an uncaught exception.
-NO_RESTART_EXIT_CODES = frozenset({EXIT_BAD_INPUT})
-
-# The environment jaxdml.launch gives each process it starts (read by jaxdml.distributed).
-ENV_COORDINATOR = "JAXDML_COORDINATOR"  # host:port of process 0's coordination service
-ENV_NUM_PROCESSES = "JAXDML_NUM_PROCESSES"  # processes in the job
-ENV_PROCESS_ID = "JAXDML_PROCESS_ID"  # this process, 0..N-1
-ENV_NUM_CPU_DEVICES = "JAXDML_NUM_CPU_DEVICES"  # simulated CPU devices of this process
-ENV_ATTEMPT = "JAXDML_ATTEMPT"  # 0 for the group's first start, k for its k-th restart
+from jaxdml.constants import EXIT_BAD_INPUT
 
 
 def _fail(message: str) -> NoReturn:
@@ -66,3 +52,25 @@ class _QuietLibraries:
 def quiet_library_logs() -> None:
     """Keeps our INFO progress lines and Orbax's warnings, not its INFO chatter."""
     logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
+def describe(result: dict[str, Any], events: list[dict] = ()) -> str:
+    """A one-screen table of a result, and the faults and recoveries of the run."""
+    keys = ("model", "data", "num_devices", "steps", "loss", "train_accuracy", "test_accuracy",
+            "wall_time_s", "goodput", "lost_steps", "params_sha256")  # fmt: skip
+    lines = []
+    for k in keys:
+        v = result.get(k)
+        if v is not None:
+            lines.append(f"{k:<16} {v:.4f}" if isinstance(v, float) else f"{k:<16} {v}")
+    shown = [e for e in events if e["kind"] != "fault_injected"]
+    if shown:
+        lines.append("events:")
+    for e in shown:
+        lost = e.get("seconds_lost")
+        lines.append(
+            f"  step {e['step'] if e['step'] is not None else '-':>5}  {e['kind']:<12} "
+            f"devices {e.get('devices', [])}  "
+            f"{e.get('action', '')}" + (f"  ({lost:.2f} s lost)" if lost is not None else "")
+        )
+    return "\n".join(lines)

@@ -29,8 +29,8 @@ import ml_collections
 from absl import logging
 
 from jaxdml import mesh as mesh_lib
-from jaxdml.cli import ENV_COORDINATOR, ENV_NUM_CPU_DEVICES, ENV_NUM_PROCESSES, ENV_PROCESS_ID
 from jaxdml.config import ConfigError
+from jaxdml.constants import ENV_COORDINATOR, ENV_NUM_CPU_DEVICES, ENV_NUM_PROCESSES, ENV_PROCESS_ID
 
 
 @dataclasses.dataclass(frozen=True)

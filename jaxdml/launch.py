@@ -51,7 +51,8 @@ from collections.abc import Sequence
 
 from absl import app, flags, logging
 
-from jaxdml.cli import (
+from jaxdml.cli import parse_flags
+from jaxdml.constants import (
     ENV_ATTEMPT,
     ENV_COORDINATOR,
     ENV_NUM_CPU_DEVICES,
@@ -60,7 +61,6 @@ from jaxdml.cli import (
     EXIT_BAD_INPUT,
     EXIT_OK,
     NO_RESTART_EXIT_CODES,
-    parse_flags,
 )
 
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 2, "Processes to start.", lower_bound=1)

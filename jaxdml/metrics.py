@@ -17,7 +17,9 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def _read_jsonl(path: str) -> list[dict]:
+def read_jsonl(path: str) -> list[dict]:
+    """The JSON objects of a .jsonl file, one per line (a torn last line is dropped with
+    a warning: a killed writer can leave one). No file: no rows."""
     if not os.path.exists(path):
         return []
     rows = []
@@ -49,7 +51,7 @@ class JsonlWriter:
         self._f.close()
 
     def rows(self) -> list[dict]:
-        return _read_jsonl(self.path)
+        return read_jsonl(self.path)
 
 
 class MetricsWriter(JsonlWriter):
@@ -113,7 +115,7 @@ class EventLog(JsonlWriter):
     @staticmethod
     def read(workdir: str) -> list[dict]:
         """The events of a workdir, oldest first."""
-        return _read_jsonl(os.path.join(workdir, "events.jsonl"))
+        return read_jsonl(os.path.join(workdir, "events.jsonl"))
 
     def record(self, kind: str, step: int, **fields: Any) -> dict:
         row = {"time": self._clock(), "kind": kind, "step": int(step), **fields}
@@ -132,10 +134,10 @@ class EventLog(JsonlWriter):
         tb.flush()  # events are rare, and a hang or kill may follow at once
 
 
-def write_result(workdir: str, result: dict) -> None:
-    """Writes result.json atomically (temp file + rename)."""
-    path = os.path.join(workdir, "result.json")
+def write_json(path: str, obj: dict) -> None:
+    """Writes `obj` as JSON atomically (temp file + rename): a kill leaves the old file or
+    the new one, never half of one."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({k: _jsonable(v) for k, v in result.items()}, f, indent=2, sort_keys=True)
+        json.dump({k: _jsonable(v) for k, v in obj.items()}, f, indent=2, sort_keys=True)
     os.replace(tmp, path)

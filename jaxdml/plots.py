@@ -14,7 +14,7 @@ import json
 import math
 import os
 
-from jaxdml.metrics import EventLog
+from jaxdml.metrics import EventLog, read_jsonl
 
 # Line colour per event kind; anything else (lifecycle events) is grey.
 EVENT_COLORS = {
@@ -44,13 +44,6 @@ def _figure_class():
             f"(or pip install matplotlib) ({e})"
         ) from e
     return Figure
-
-
-def _read_jsonl(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def _lead_color(events: list[dict]) -> str:
@@ -159,7 +152,7 @@ def plot_run(workdir: str, out: str | None = None, title: str | None = None):
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(metrics_path):
         raise FileNotFoundError(f"{metrics_path}: no such file (is {workdir} a run folder?)")
-    rows = _read_jsonl(metrics_path)
+    rows = read_jsonl(metrics_path)
     events = EventLog.read(workdir)
     result_path = os.path.join(workdir, "result.json")
     result = json.load(open(result_path)) if os.path.exists(result_path) else {}  # noqa: SIM115

@@ -224,16 +224,19 @@ def _overhead_config(rows: int, steps: int, variant: str):
 
 def _time_trainer(config, dataset, devices, workdir: str, warm: int) -> tuple[float, float]:
     """(steps/s from step `warm` to the last, final loss) of one Trainer.fit."""
-    from jaxdml.supervisor import Supervisor
+    from jaxdml.training.hooks import OnMetrics
     from jaxdml.training.trainer import Trainer
 
     n = config.train.num_steps
     marks: dict[int, float] = {}
-    trainer = Trainer(config, workdir, devices=devices, dataset=dataset)
-    trainer.observers.append(
-        lambda step, row: marks.setdefault(step, time.perf_counter()) if step in (warm, n) else None
-    )
-    result = trainer.fit(Supervisor(config) if config.supervisor.enabled else None)
+
+    def mark(rows):
+        for row in rows:
+            if row["step"] in (warm, n):
+                marks.setdefault(row["step"], time.perf_counter())
+
+    trainer = Trainer(config, workdir, devices=devices, dataset=dataset, hooks=[OnMetrics(mark)])
+    result = trainer.fit()
     return (n - warm) / (marks[n] - marks[warm]), float(result["loss"])
 
 
@@ -241,7 +244,7 @@ def bare_loop(x, y, devices, learning_rate: float, steps: int, warm: int) -> tup
     """A hand-written data-parallel logistic-regression GD loop, nothing else.
 
     jax.shard_map computes each device's loss and gradient sums, a psum adds them,
-    optax applies SGD; at most 2 steps are in flight (DESIGN: unbounded dispatch of
+    optax applies SGD; at most 2 steps are in flight (docs/architecture.md: unbounded dispatch of
     collectives deadlocks on CPU). No metrics, checkpoints, guards or hooks.
 
     Returns:
@@ -944,7 +947,7 @@ def scaling_point(rows: int, num_devices: int, seconds: float) -> dict:
     batcher = GlobalBatcher(x, y, None, 0)
 
     def run(state, until: int):
-        loop = Loop(step, batcher, mesh, until, on_metrics=lambda s, m: None, log_every=10**9)
+        loop = Loop(step, batcher, mesh, until)
         return loop.run(state)
 
     state = run(init_state(model, opt, 0, mesh), 3)  # compile and place the data

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdml.faults import detect, inject
+from jaxdml.faults import detect, errors, inject
 from jaxdml.mesh import make_mesh, replicated
 
 
@@ -82,7 +82,7 @@ def test_fingerprint_sees_every_bit_and_ignores_layout():
 
 
 def test_classify_separates_losses_from_bugs():
-    assert detect.classify(inject.InjectedDeviceLoss("UNAVAILABLE: x")) == detect.DEVICE_LOSS
+    assert detect.classify(errors.DeviceLost("UNAVAILABLE: x")) == detect.DEVICE_LOSS
     assert detect.classify(RuntimeError("Gloo all-reduce failed: Connection reset by peer")) == (
         detect.HOST_LOSS
     )

@@ -6,7 +6,6 @@ import jax
 import numpy as np
 
 from configs import gbdt
-from jaxdml.supervisor import Supervisor
 from jaxdml.training.state import flat_params
 from jaxdml.training.trainer import Trainer
 from tests.conftest import run_cli
@@ -40,7 +39,7 @@ def test_gbdt_survives_a_device_loss_with_identical_trees(tmp_path):
     def fit(workdir, faults=""):
         config.faults = faults
         trainer = Trainer(config, str(workdir), devices=jax.devices()[:4])
-        result = trainer.fit(Supervisor(config))
+        result = trainer.fit()
         return result, flat_params(trainer.state.params)
 
     ref, ref_trees = fit(tmp_path / "ref")

@@ -9,7 +9,6 @@ import pytest
 
 from configs import seed_logreg
 from jaxdml import plots
-from jaxdml.supervisor import Supervisor
 from jaxdml.training.trainer import Trainer
 from tests.conftest import REPO
 
@@ -28,7 +27,7 @@ def faulty_run(tmp_path_factory):
     config.checkpoint.every_steps = 20
     config.supervisor.fingerprint_every = 10
     config.faults = "nan@30,device_loss@50:3,bitflip@80:1"
-    Trainer(config, str(workdir), devices=jax.devices()[:4]).fit(Supervisor(config))
+    Trainer(config, str(workdir), devices=jax.devices()[:4]).fit()
     return workdir
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import seed_logreg, sgd_logreg
-from jaxdml import cli
+from jaxdml import constants
 from jaxdml.supervisor import Supervisor
 from jaxdml.training.state import to_host
 from jaxdml.training.trainer import Trainer
@@ -16,7 +16,7 @@ from tests.conftest import run_cli
 
 def supervised(config, workdir, num_devices=4):
     trainer = Trainer(config, str(workdir), devices=jax.devices()[:num_devices])
-    result = trainer.fit(Supervisor(config))
+    result = trainer.fit()
     return result, to_host(trainer.state.params), trainer
 
 
@@ -135,16 +135,16 @@ def test_every_event_matches_what_was_injected(tmp_path):
 
 def test_programming_errors_are_raised_not_retried(tmp_path):
     config = small(seed_logreg, 30)
-    trainer = Trainer(config, str(tmp_path), devices=jax.devices()[:2])
+    supervisor = Supervisor(config)
+    trainer = Trainer(config, str(tmp_path), devices=jax.devices()[:2], supervisor=supervisor)
 
     def broken(state, batch):
         raise TypeError("a bug")
 
     trainer.step_fn = broken
-    supervisor = Supervisor(config)
     with pytest.raises(TypeError, match="a bug"):
-        trainer.fit(supervisor)
-    assert supervisor.recoveries == []
+        trainer.fit()
+    assert supervisor.recoveries == 0
 
 
 def _cli(workdir, *overrides):
@@ -166,7 +166,7 @@ def test_hang_exits_with_the_hang_code_and_the_rerun_completes(tmp_path):
     workdir = tmp_path / "hang"
     args = ("--config.faults=hang@50:2", "--config.supervisor.watchdog_secs=3")
     proc = _cli(workdir, *args)
-    assert proc.returncode == cli.EXIT_HANG, proc.stderr[-2000:]
+    assert proc.returncode == constants.EXIT_HANG, proc.stderr[-2000:]
     hang = [e for e in events(workdir) if e["kind"] == "hang"]
     # The event names the last step seen finished; step 50 may still have been in flight.
     assert len(hang) == 1 and hang[0]["step"] in (49, 50)
@@ -182,7 +182,7 @@ def test_hang_exits_with_the_hang_code_and_the_rerun_completes(tmp_path):
 def test_below_min_devices_stops_with_a_report_and_resumes_with_devices_back(tmp_path):
     args = ("--config.faults=device_loss@50:2+3", "--config.supervisor.min_devices=3")
     proc = _cli(tmp_path, *args)
-    assert proc.returncode == cli.EXIT_GAVE_UP, proc.stderr[-2000:]
+    assert proc.returncode == constants.EXIT_GAVE_UP, proc.stderr[-2000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["status"] == "gave_up" and report["checkpoint_step"] == 50
     assert report["lost_devices"] == [2, 3] and "min_devices=3" in report["reason"]

@@ -8,7 +8,6 @@ import jax
 import pytest
 
 from configs import seed_logreg
-from jaxdml.supervisor import Supervisor
 from jaxdml.training.trainer import Trainer
 
 pytest.importorskip("tensorboardX")
@@ -45,7 +44,7 @@ def test_tensorboard_gets_metrics_and_every_event(tmp_path):
     config.train.tensorboard = True
     config.faults = "nan@20,device_loss@40:3"
     trainer = Trainer(config, str(tmp_path), devices=jax.devices()[:4])
-    trainer.fit(Supervisor(config))
+    trainer.fit()
     events = read_event_files(tmp_path / "tb")
     tags = scalars(events)
     assert [s for s, _ in tags["loss"]] == list(range(1, 61))

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdml.faults.errors import DeviceLost
+
 _K1, _K2, _K3 = 0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D
 
 
@@ -105,9 +107,7 @@ def classify(error: BaseException) -> str:
       DEVICE_LOSS (a device stopped answering), or PROGRAMMING (anything else: a bug
       or bad input, which must be re-raised, never retried).
     """
-    from jaxdml.faults.inject import InjectedDeviceLoss
-
-    if isinstance(error, InjectedDeviceLoss):
+    if isinstance(error, DeviceLost):
         return DEVICE_LOSS
     name = type(error).__name__
     text = f"{name}: {error}"

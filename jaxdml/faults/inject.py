@@ -26,6 +26,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from jaxdml.faults.errors import DeviceLost
+
 KINDS = (
     "device_loss",
     "host_loss",
@@ -92,14 +94,6 @@ def parse(plan: str) -> list[Fault]:
     return sorted(faults, key=lambda f: (f.start, f.kind))
 
 
-class InjectedDeviceLoss(RuntimeError):
-    """Raised at the step boundary in place of the runtime error a lost device gives.
-
-    The message mimics XLA's ("UNAVAILABLE: ... device ... lost"), so the supervisor
-    classifies it exactly as it would a real one.
-    """
-
-
 class Injector:
     """Fires the faults of a plan at the step boundary where each would appear.
 
@@ -109,13 +103,9 @@ class Injector:
       record: callback(kind, step, **fields) that writes events.jsonl (flushed).
       kill: os.kill-like callable (injectable for tests).
       sleep: time.sleep-like callable (injectable for tests).
-      lost_devices: a set the injector adds lost device ids to; the supervisor's
-        health probe treats them as dead.
     """
 
-    def __init__(
-        self, faults, already_fired=(), record=None, kill=None, sleep=None, lost_devices=None
-    ):
+    def __init__(self, faults, already_fired=(), record=None, kill=None, sleep=None):
         import os
         import signal
         import time
@@ -126,7 +116,6 @@ class Injector:
         self._kill = kill or (lambda sig: os.kill(os.getpid(), sig))
         self._sleep = sleep or time.sleep
         self._signal = signal
-        self.lost_devices = lost_devices if lost_devices is not None else set()
 
     @staticmethod
     def _holds_device(index: int | None) -> bool:
@@ -189,9 +178,9 @@ class Injector:
                 self._kill(self._signal.SIGKILL)
         for f in self._due(step, "device_loss"):
             self._fire(f, step)
-            self.lost_devices.update(f.devices)
-            raise InjectedDeviceLoss(
-                f"UNAVAILABLE: device(s) {list(f.devices)} lost during step {step + 1} (injected)"
+            raise DeviceLost(
+                f"UNAVAILABLE: device(s) {list(f.devices)} lost during step {step + 1} (injected)",
+                f.devices,
             )
         for f in self._due(step, "hang"):
             if not self._holds_device(f.devices[0] if f.devices else None):

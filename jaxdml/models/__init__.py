@@ -7,6 +7,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from jaxdml.models.base import BoostedModel, GradientModel, check_model, is_boosted
 from jaxdml.models.linear import LinearModel
 from jaxdml.models.mlp import mlp_classifier
 from jaxdml.models.trees import GBDTModel, quantile_bin_edges
@@ -51,6 +52,22 @@ def build_model(
 
 
 def model_inputs(model: Any, x: np.ndarray) -> np.ndarray:
-    """The rows as the model's step reads them: `model.encode(x)` (gbdt: integer bins,
-    computed once on the host), or x itself for models without an encoding."""
-    return model.encode(x) if hasattr(model, "encode") else x
+    """The rows as the model's step reads them: `model.encode(x)` for boosted models
+    (integer bins, computed once on the host), x itself for gradient-trained ones."""
+    return model.encode(x) if is_boosted(model) else x
+
+
+def num_steps(model: Any, config: ml_collections.ConfigDict) -> int:
+    """Steps of a run: one per boosting round for trees, else `config.train.num_steps`."""
+    return model.num_trees if is_boosted(model) else config.train.num_steps
+
+
+__all__ = [
+    "BoostedModel",
+    "GradientModel",
+    "build_model",
+    "check_model",
+    "is_boosted",
+    "model_inputs",
+    "num_steps",
+]

@@ -8,7 +8,6 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from jax.sharding import Mesh
@@ -30,24 +29,6 @@ class TrainState:
     model_state: Any
 
 
-def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """The optax optimizer named by `config.train.optimizer`."""
-    t = config.train
-    if config.model.name == "gbdt":
-        return optax.identity()  # trees are grown by the boosting step, not by an optimizer
-    if t.optimizer == "sgd":
-        return optax.sgd(t.learning_rate)
-    if t.optimizer == "momentum":
-        return optax.sgd(t.learning_rate, momentum=t.momentum)
-    if t.optimizer == "adam":
-        return optax.adam(t.learning_rate)
-    if t.optimizer == "adamw":
-        return optax.adamw(t.learning_rate)
-    # Pegasos: eta_t = 1 / (lambda * t), t counted from 1.
-    lam = config.model.l2
-    return optax.sgd(lambda count: 1.0 / (lam * (count + 1.0)))
-
-
 def _initializer(model: Any, optimizer: optax.GradientTransformation, seed: int):
     def init() -> TrainState:
         rng = jax.random.PRNGKey(seed)
@@ -58,7 +39,7 @@ def _initializer(model: Any, optimizer: optax.GradientTransformation, seed: int)
             opt_state=optimizer.init(params),
             rng=rng,
             data_pos={k: jnp.asarray(v) for k, v in initial_position().items()},
-            model_state=model.init_state() if hasattr(model, "init_state") else {},
+            model_state={},
         )
 
     return init

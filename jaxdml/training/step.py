@@ -19,8 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxdml.mesh import DATA_AXIS, replicated
 from jaxdml.training.state import TrainState
-
-StepFn = Callable[[TrainState, dict], tuple[TrainState, dict]]
+from jaxdml.training.step_common import StepFn, all_finite, step_metrics
 
 
 def local_sums(model: Any, params: Any, x: jax.Array, y: jax.Array, w: jax.Array) -> dict:
@@ -46,27 +45,6 @@ def aggregated_sums(model: Any, mesh: Mesh) -> Callable:
 
     data = P(DATA_AXIS)
     return jax.shard_map(per_shard, mesh=mesh, in_specs=(P(), data, data, data), out_specs=P())
-
-
-def all_finite(tree: Any) -> jax.Array:
-    """True when every element of every leaf is finite."""
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
-def step_metrics(
-    sums: dict, batch: dict, loss: jax.Array, ok: jax.Array, grad_norm, param_norm
-) -> dict:
-    """The per-step metrics row every step function returns (same keys for all models)."""
-    return {
-        "loss": loss,
-        "batch_accuracy": sums["correct"] / sums["weight"],
-        "grad_norm": grad_norm,
-        "param_norm": param_norm,
-        "skipped": (~ok).astype(jnp.int32),
-        "set_aside": jnp.int32(0),
-        "samples": sums["weight"],
-        "epoch": batch["pos"]["epoch"] - (batch["pos"]["index"] == 0),
-    }
 
 
 def make_gradient_step(
@@ -102,38 +80,3 @@ def make_gradient_step(
 
     rep = replicated(mesh)
     return jax.jit(step, out_shardings=(rep, rep), donate_argnums=(0,) if donate else ())
-
-
-def make_skip_step(mesh: Mesh) -> StepFn:
-    """A step that consumes its batch and changes nothing else (a batch set aside
-    after a rollback). Its metrics say set_aside=1."""
-
-    def skip(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        new_state = state.replace(step=state.step + 1, data_pos=batch["pos"])
-        nan = jnp.float32(jnp.nan)
-        metrics = {
-            "loss": nan,
-            "batch_accuracy": nan,
-            "grad_norm": nan,
-            "param_norm": optax.tree.norm(state.params),
-            "skipped": jnp.int32(0),
-            "set_aside": jnp.int32(1),
-            "samples": jnp.float32(0),
-            "epoch": batch["pos"]["epoch"] - (batch["pos"]["index"] == 0),
-        }
-        return new_state, metrics
-
-    rep = replicated(mesh)
-    return jax.jit(skip, out_shardings=(rep, rep))
-
-
-def make_step(
-    model: Any, optimizer: optax.GradientTransformation, mesh: Mesh, donate: bool = False
-) -> StepFn:
-    """The step that trains `model`: a boosting round for tree ensembles (models with
-    `boost_round`), otherwise the gradient step with `optimizer`."""
-    if hasattr(model, "boost_round"):
-        from jaxdml.training.tree_step import make_tree_step  # it imports this module
-
-        return make_tree_step(model, mesh, donate)
-    return make_gradient_step(model, optimizer, mesh, donate)

@@ -1,4 +1,11 @@
-"""Trainer: builds data, model, mesh, state and step from a config, and runs the loop."""
+"""Trainer: builds data, model, mesh, state and step from a config, runs the one loop,
+and offers the supervisor its recovery verbs.
+
+The supervisor sees a Trainer only through `jaxdml.supervisor.Recoverable`: the devices,
+the last finished step, and four verbs (`reform`, `rollback`, `restore`, `checkpoint_now`)
+plus `record`. It never assigns the state or reaches into the checkpointer, the metrics
+or the injector.
+"""
 
 from __future__ import annotations
 
@@ -10,46 +17,52 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 
-import jaxdml
 from jaxdml import checkpoint as ckpt_lib
 from jaxdml import distributed
 from jaxdml import mesh as mesh_lib
+from jaxdml.accounting import Accounting
 from jaxdml.config import validate
+from jaxdml.constants import VERSION
 from jaxdml.data import Dataset, GlobalBatcher, load_dataset
 from jaxdml.faults import inject
-from jaxdml.faults.detect import PreemptionWatcher
-from jaxdml.metrics import EventLog, MetricsWriter, write_result
-from jaxdml.models import build_model, model_inputs
-from jaxdml.training.loop import Loop, Periodic
+from jaxdml.faults.detect import PreemptionWatcher, Watchdog
+from jaxdml.faults.errors import GaveUp
+from jaxdml.metrics import EventLog, MetricsWriter, write_json
+from jaxdml.models import build_model, check_model, is_boosted, model_inputs, num_steps
+from jaxdml.supervisor import Supervisor
+from jaxdml.training.hooks import BeforeStep, Hook, Periodic, StepInfo, StopWhen
+from jaxdml.training.loop import Loop
+from jaxdml.training.optimizers import build_optimizer
 from jaxdml.training.state import (
     TrainState,
     abstract_state,
-    build_optimizer,
     flat_params,
+    from_replica,
     init_state,
     params_sha256,
     to_host,
 )
-from jaxdml.training.step import StepFn, make_skip_step, make_step
+from jaxdml.training.step import make_gradient_step
+from jaxdml.training.step_common import StepFn, make_skip_step
+from jaxdml.training.tree_step import make_tree_step
 
 
 class Trainer:
     """One training run: everything built from `config`, written to `workdir`.
 
-    Use `fit()` for a whole run, or `run_steps(n)` to advance step by step
-    (notebooks). `state` is the one TrainState pytree (params, optimizer state,
-    step, RNG key, data position); building a Trainer on a workdir that holds
-    checkpoints resumes from the newest valid one.
-
-        from jaxdml.supervisor import Supervisor
+    Use `fit()` for a whole (supervised, as `config.supervisor` says) run, or
+    `run_steps(n)` to advance step by step (notebooks). `state` is the one TrainState
+    pytree (params, optimizer state, step, RNG key, data position); building a Trainer
+    on a workdir that holds checkpoints resumes from the newest valid one.
 
         trainer = jaxdml.Trainer(config, "/tmp/run")
         trainer.run_steps(50)          # the metrics row of step 50
         trainer.evaluate()             # {'train_accuracy': ..., 'test_accuracy': ...}
         trainer.state.params           # replicated over trainer.mesh
-        result = trainer.fit(Supervisor(config))  # the remaining steps, supervised
+        result = trainer.fit()         # the remaining steps, supervised
     """
 
     def __init__(
@@ -59,14 +72,19 @@ class Trainer:
         devices: Sequence[jax.Device] | None = None,
         dataset: Dataset | None = None,
         model: Any = None,
+        hooks: Sequence[Hook] = (),
+        supervisor: Any = None,
     ):
         """Args:
-        config: a validated-or-not ConfigDict built on `jaxdml.config.default_config()`.
+        config: a ConfigDict built on `jaxdml.config.default_config()` (validated here).
         workdir: output folder (metrics.jsonl, events.jsonl, result.json, checkpoints).
         devices: devices to train on (default: `config.num_cpu_devices` or all).
         dataset: an already loaded data set (default: load `config.data`).
         model: a model to train instead of the one `config.model` names, e.g. a
           `jaxdml.models.mlp.FlaxModel` around your own Flax module.
+        hooks: extra `jaxdml.training.hooks.Hook`s for the loop (after the built-in ones).
+        supervisor: the recovery policy (default: `jaxdml.supervisor.Supervisor(config)`
+          when `config.supervisor.enabled`, else none: any failure ends the run).
         """
         self.config = validate(config)
         self.workdir = workdir
@@ -77,12 +95,14 @@ class Trainer:
         ds = self.dataset
         if model is None:
             model = build_model(config, ds.num_features, ds.num_classes, ds.x_train)
+        check_model(model)
         self.model = model
         self._predict = jax.jit(model.predict)  # compiled once, not at every evaluation
-        self.optimizer = build_optimizer(config)
+        self.optimizer: optax.GradientTransformation = build_optimizer(config, model)
+        self.num_steps = num_steps(model, config)
         full = config.train.mode == "full_batch"
         self.batcher = GlobalBatcher(
-            model_inputs(self.model, ds.x_train),
+            model_inputs(model, ds.x_train),
             ds.y_train,
             None if full else config.train.batch_size,
             config.seed,
@@ -103,26 +123,31 @@ class Trainer:
             already_fired=[e["fault"] for e in self.events.rows() if "fault" in e],
             record=self.events.record,
         )
+        if supervisor is None and config.supervisor.enabled:
+            supervisor = Supervisor(config)
+        self.supervisor = supervisor
+        self.accounting = Accounting(self.events)
+        self.user_hooks = list(hooks)
+        self._rows = _WriteRows(self.metrics, config.train.log_every)
         self.set_devices(devices)
-        self._last_metrics: dict = {}
         self._start_time = time.time()
         self.preempted = False
         self.skip_steps: set[int] = set()  # steps whose batch is set aside (after a rollback)
-        self.observers: list = []  # extra on_metrics(step, row) callbacks (the supervisor's)
         self.live_processes: list[int] | None = None  # set after a host loss: the survivors
+        self._running: Loop | None = None  # the loop in progress (or the one that failed)
+        self._watch = self._watchdog()  # started by fit()
         self.state: TrainState = self.restore_or_init()
 
-    @property
-    def num_steps(self) -> int:
-        m = self.config.model
-        return m.num_trees if m.name == "gbdt" else self.config.train.num_steps  # a step = a round
+    # ------------------------------------------------------------------ building
 
     def set_devices(self, devices: Sequence[jax.Device]) -> None:
         """(Re)builds the mesh over `devices` and the step compiled for it."""
         self.mesh = mesh_lib.make_mesh(devices)
-        self.step_fn: StepFn = make_step(
-            self.model, self.optimizer, self.mesh, self.config.train.donate
-        )
+        donate = self.config.train.donate
+        if is_boosted(self.model):
+            self.step_fn: StepFn = make_tree_step(self.model, self.mesh, donate)
+        else:
+            self.step_fn = make_gradient_step(self.model, self.optimizer, self.mesh, donate)
         self.skip_fn: StepFn = make_skip_step(self.mesh)
 
     def restore_or_init(self) -> TrainState:
@@ -138,7 +163,7 @@ class Trainer:
             self.checkpointer.move_all_aside("checkpoint.resume=false")
             return self._fresh_state()
         try:
-            state = self.restore_latest()
+            state = self._restore_latest()
         except ckpt_lib.NoValidCheckpoint as e:
             if c.checkpoint.resume != "auto_or_scratch":
                 raise
@@ -150,7 +175,7 @@ class Trainer:
             logging.info("resumed from checkpoint step %d", step)
         return state
 
-    def restore_latest(self) -> TrainState:
+    def _restore_latest(self) -> TrainState:
         """The newest valid checkpoint on the current mesh (a fresh state if there is
         none); metrics rows past its step are dropped, since those steps run again."""
         abstract = abstract_state(self.model, self.optimizer, self.config.seed, self.mesh)
@@ -165,69 +190,48 @@ class Trainer:
         self.metrics.truncate_after(0)  # rows of an earlier, unsaved attempt
         return init_state(self.model, self.optimizer, self.config.seed, self.mesh)
 
-    def replicated_sharding(self):
-        """Every device of the current mesh holds the whole array (the state's layout)."""
-        return mesh_lib.replicated(self.mesh)
-
     def save_checkpoint(self, step: int, state: TrainState, wait: bool = False) -> None:
         """Saves `state` (async unless `wait`), with the meta that validates it later."""
         meta = {
             "config": ckpt_lib.identity(self.config),
             "num_devices": int(self.mesh.devices.size),
-            "jaxdml_version": jaxdml.__version__,
+            "jaxdml_version": VERSION,
         }
         self.checkpointer.save(step, state, meta, wait=wait)
 
-    def make_loop(
-        self,
-        num_steps: int | None = None,
-        hooks: Sequence = (),
-        should_stop=None,
-        step_guard=None,
-    ) -> Loop:
-        """A Loop over the current mesh that logs every finished step's metrics."""
-        t = self.config.train
-        self._loop = Loop(
+    # ------------------------------------------------------------------ the loop
+
+    def _hooks(self, checkpoints: bool, supervised: bool, stop_when=None) -> list[Hook]:
+        """The loop's hooks, in the order they run."""
+        ck = self.config.checkpoint
+        hooks: list[Hook] = [BeforeStep(self.injector.before_step)]
+        if checkpoints and (ck.every_steps or ck.every_secs):
+            hooks.append(Periodic(self.save_checkpoint, ck.every_steps, ck.every_secs))
+        hooks += [_EvalRows(self.evaluate, self.config.train.eval_every), self._rows]
+        if supervised:
+            hooks += [self.accounting, *self.supervisor.hooks(self), _Pet(self._watch)]
+        if stop_when is not None:
+            hooks.append(StopWhen(stop_when))
+        return hooks + self.user_hooks
+
+    def _loop(self, num_steps: int, hooks: list[Hook], transaction=None) -> Loop:
+        """A Loop over the current mesh."""
+        return Loop(
             self.step_fn,
             self.batcher,
             self.mesh,
-            num_steps or self.num_steps,
-            on_metrics=self._on_metrics,
-            hooks=list(hooks),
-            dispatch_depth=t.dispatch_depth,
-            log_every=t.log_every,
-            before_step=self.injector.before_step,
-            should_stop=should_stop,
+            num_steps,
+            hooks=hooks,
+            dispatch_depth=self.config.train.dispatch_depth,
             skip_fn=self.skip_fn,
             skip_steps=frozenset(self.skip_steps),
-            step_guard=step_guard,
+            transaction=transaction,
         )
-        return self._loop
-
-    def checkpoint_hooks(self) -> list[Periodic]:
-        """The periodic checkpoint save, as the config asks (empty when off)."""
-        ck = self.config.checkpoint
-        if not (ck.every_steps or ck.every_secs):
-            return []
-        return [Periodic(self.save_checkpoint, ck.every_steps, ck.every_secs)]
-
-    def _on_metrics(self, step: int, metrics: dict) -> None:
-        row = {"step": step, **{k: np.asarray(v).item() for k, v in metrics.items()}}
-        self._last_metrics = row
-        every = self.config.train.eval_every
-        if every and step % every == 0:
-            # The state of this very step: self.state is only updated when the loop returns.
-            row.update(self.evaluate(self._loop.last_good[1]))
-        self.metrics.write(row)
-        for observe in self.observers:
-            observe(step, row)
-        if step % self.config.train.log_every == 0:
-            logging.info("step %d  loss %.5f  grad_norm %.3g", step, row["loss"], row["grad_norm"])
 
     def run_steps(self, n: int) -> dict:
         """Advances `n` steps with the plain loop (no supervisor, no periodic checkpoints).
 
-        Stops at `config.train.num_steps`; a later `fit()` continues from `state.step`.
+        Stops at the run's last step; a later `fit()` continues from `state.step`.
         Faults in `config.faults` still fire, and without a supervisor a lost device
         raises here; use `fit()` or `jaxdml.train` for recovery.
 
@@ -238,8 +242,131 @@ class Trainer:
           The metrics row of the last finished step (loss, batch_accuracy, ...).
         """
         target = min(int(to_host(self.state.step)) + n, self.num_steps)
-        self.state = self.make_loop(target).run(self.state)
-        return self._last_metrics
+        self._running = self._loop(target, self._hooks(checkpoints=False, supervised=False))
+        self.state = self._running.run(self.state)
+        return self._rows.last_row
+
+    def fit(self) -> dict:
+        """Runs to the last step and writes result.json; returns the result.
+
+        Under a supervisor, failures are recovered (see jaxdml.supervisor); without one
+        any failure ends the run. On preemption (SIGTERM) the current step finishes, a
+        checkpoint is saved synchronously, and the returned result has preempted=True
+        (no result.json).
+
+        Raises:
+          GaveUp: the supervisor stopped (report.json and a final checkpoint were written).
+        """
+        with PreemptionWatcher() as preemption, self._watch:
+            try:
+                self._train(preemption.reached)
+            except GaveUp as e:
+                self._write_report(e.report)
+                raise
+        step = int(to_host(self.state.step))
+        if step < self.num_steps:
+            return self.stop_preempted(step)
+        self.save_checkpoint(step, self.state, wait=True)
+        return self.finish(self.accounting.report() if self.supervisor else {})
+
+    def _train(self, stop_when) -> None:
+        """The one loop, restarted on the recovered state after each recovery."""
+        supervised = self.supervisor is not None
+        transaction = self.supervisor.transaction(self) if supervised else None
+        self.accounting.start()
+        while True:
+            hooks = self._hooks(checkpoints=True, supervised=supervised, stop_when=stop_when)
+            loop = self._loop(self.num_steps, hooks, transaction)
+            try:
+                self._running = loop
+                self.state = loop.run(self.state)
+                break
+            except Exception as error:  # noqa: BLE001 -- the supervisor classifies; bugs re-raise
+                if not supervised:
+                    raise
+                recovery = self.supervisor.recover(error, self)
+                self.accounting.begin_recovery(recovery)
+                self._watch.pet()
+        self.accounting.stop()
+
+    def _watchdog(self) -> Watchdog:
+        secs = self.config.supervisor.watchdog_secs if self.supervisor else 0.0
+        return Watchdog(secs, lambda idle: self.supervisor.on_hang(idle, self))
+
+    # ------------------------------------------------------------------ recovery verbs
+
+    @property
+    def devices(self) -> list[jax.Device]:
+        """The devices of the current mesh, in mesh order."""
+        return list(self.mesh.devices.flat)
+
+    @property
+    def finished_step(self) -> int:
+        """The newest step that finished without error (where recovery starts from)."""
+        return self._newest_finished()[0]
+
+    def _newest_finished(self) -> tuple[int, TrainState]:
+        if self._running is not None and self._running.last_good is not None:
+            return self._running.last_good
+        return int(to_host(self.state.step)), self.state
+
+    def _adopt(self, state: TrainState) -> int:
+        """Makes `state` the run's state (a recovery verb's result); returns its step."""
+        self.state, self._running = state, None
+        return int(to_host(state.step))
+
+    def reform(self, devices: Sequence[jax.Device]) -> int:
+        """Re-forms the mesh on `devices`; the state of the newest finished step is rebuilt
+        from the replicas those devices already hold (no checkpoint is read). When whole
+        processes are gone, checkpoints are saved by the survivors from then on.
+
+        Returns:
+          The step the state is at.
+        """
+        _, state = self._newest_finished()
+        processes = sorted({int(d.process_index) for d in devices})
+        lost_processes = processes != sorted({int(d.process_index) for d in self.devices})
+        self.set_devices(devices)
+        step = self._adopt(from_replica(state, self.mesh))
+        if lost_processes:
+            self.checkpointer.restrict_to(processes)
+            self.live_processes = processes
+        return step
+
+    def rollback(self, set_aside_batches: Sequence[int] = ()) -> int:
+        """Restores the newest valid checkpoint; the batches of `set_aside_batches` steps
+        will be skipped when those steps run again.
+
+        Returns:
+          The restored step.
+        """
+        self.checkpointer.wait()
+        self.skip_steps.update(set_aside_batches)
+        return self._adopt(self._restore_latest())
+
+    def restore(self, step: int, host_state: TrainState, devices: Sequence[jax.Device]) -> None:
+        """Places a host copy of the state of `step` on a mesh over `devices`; checkpoints
+        written after `step` are set aside and metrics rows after it dropped (they may
+        hold what the copy is restored to undo)."""
+        self.checkpointer.wait()
+        for saved in self.checkpointer.steps():
+            if saved > step:
+                self.checkpointer.set_aside(saved, f"written after the restored step {step}")
+        self.set_devices(devices)
+        self._adopt(jax.device_put(host_state, mesh_lib.replicated(self.mesh)))
+        self.metrics.truncate_after(step)
+
+    def checkpoint_now(self) -> int:
+        """Saves the current state synchronously; returns its step."""
+        step = int(to_host(self.state.step))
+        self.save_checkpoint(step, self.state, wait=True)
+        return step
+
+    def record(self, kind: str, step: int, **fields) -> dict:
+        """One line of events.jsonl."""
+        return self.events.record(kind, step, **fields)
+
+    # ------------------------------------------------------------------ results
 
     def evaluate(self, state: TrainState | None = None) -> dict:
         """Train and test accuracy of `state`'s parameters (default: the current state).
@@ -254,30 +381,6 @@ class Trainer:
             "train_accuracy": float(np.mean(np.asarray(predict(params, ds.x_train)) == ds.y_train)),
             "test_accuracy": float(np.mean(np.asarray(predict(params, ds.x_test)) == ds.y_test)),
         }
-
-    def fit(self, supervisor=None) -> dict:
-        """Runs to `num_steps` and writes result.json; returns the result.
-
-        Args:
-          supervisor: None runs the plain loop, where any failure ends the run;
-            otherwise an object with `run(trainer, should_stop)` that runs the loop,
-            recovers from failures and leaves the final state in `trainer.state`,
-            and `report()` -> dict of fields added to the result.
-
-        On preemption (SIGTERM) the current step finishes, a checkpoint is saved
-        synchronously, and the returned result has preempted=True (no result.json).
-        """
-        with PreemptionWatcher() as preemption:
-            if supervisor is None:
-                loop = self.make_loop(hooks=self.checkpoint_hooks(), should_stop=preemption.reached)
-                self.state = loop.run(self.state)
-            else:
-                supervisor.run(self, should_stop=preemption.reached)
-        step = int(to_host(self.state.step))
-        if step < self.num_steps:
-            return self.stop_preempted(step)
-        self.save_checkpoint(step, self.state, wait=True)
-        return self.finish(supervisor.report() if supervisor else {})
 
     def stop_preempted(self, step: int) -> dict:
         """Saves now, records the preemption and closes; the next start resumes."""
@@ -294,11 +397,24 @@ class Trainer:
         self.metrics.close()
         self.events.close()
 
+    def _write_report(self, report: dict) -> None:
+        """report.json (the supervisor gave up): why, where, and the accounting so far."""
+        report = {**report, **self.accounting.report()}
+        self.events.record(
+            "gave_up",
+            report["step"],
+            devices=report.get("lost_devices", []),
+            action=report["reason"],
+            checkpoint_step=report.get("checkpoint_step"),
+        )
+        write_json(os.path.join(self.workdir, "report.json"), report)
+        self.close()
+
     def finish(self, extra: dict | None = None) -> dict:
         """Writes and returns result.json for the current state (plus `extra` fields)."""
         result = {
             **self.evaluate(),
-            "loss": self._last_metrics.get("loss"),
+            "loss": self._rows.last_row.get("loss"),
             "steps": int(to_host(self.state.step)),
             "num_devices": int(self.mesh.devices.size),
             "wall_time_s": time.time() - self._start_time,
@@ -310,33 +426,57 @@ class Trainer:
         result["checkpoint_saves"] = self.checkpointer.saves
         result["checkpoint_failed_saves"] = self.checkpointer.failed_saves
         if distributed.is_coordinator():
-            write_result(self.workdir, result)
+            write_json(os.path.join(self.workdir, "result.json"), result)
             np.savez(os.path.join(self.workdir, "params.npz"), **flat_params(self.state.params))
         self.close()
         return result
 
 
+class _EvalRows(Hook):
+    """Adds train/test accuracy to the rows of every `every`-th step, evaluated on that very
+    step's state (a host sync, but only every `every` steps)."""
+
+    def __init__(self, evaluate, every: int):
+        self.evaluate, self.every = evaluate, every
+        self.pending: dict[int, dict] = {}
+
+    def after_step(self, info: StepInfo) -> bool:
+        if self.every and info.step % self.every == 0:
+            self.pending[info.step] = self.evaluate(info.state)
+        return False
+
+    def on_metrics(self, rows: list[dict]) -> None:
+        for row in rows:
+            row.update(self.pending.pop(row["step"], {}))
+
+
+class _WriteRows(Hook):
+    """metrics.jsonl (and TensorBoard) rows; a progress line every `log_every` steps."""
+
+    def __init__(self, metrics: MetricsWriter, log_every: int):
+        self.metrics, self.every = metrics, log_every
+        self.last_row: dict = {}
+
+    def on_metrics(self, rows: list[dict]) -> None:
+        for row in rows:
+            self.metrics.write(row)
+            if row["step"] % self.every == 0:
+                logging.info(
+                    "step %d  loss %.5f  grad_norm %.3g", row["step"], row["loss"], row["grad_norm"]
+                )
+        self.last_row = rows[-1]
+
+
+class _Pet(Hook):
+    """Tells the watchdog the loop is making progress."""
+
+    def __init__(self, watchdog: Watchdog):
+        self.watchdog = watchdog
+
+    def after_step(self, info: StepInfo) -> bool:
+        self.watchdog.pet()
+        return False
+
+
 def _process_dir(workdir: str) -> str:
     return os.path.join(workdir, f"process_{distributed.process_index()}")
-
-
-def describe(result: dict[str, Any], events: list[dict] = ()) -> str:
-    """A one-screen table of a result, and the faults and recoveries of the run."""
-    keys = ("model", "data", "num_devices", "steps", "loss", "train_accuracy", "test_accuracy",
-            "wall_time_s", "goodput", "lost_steps", "params_sha256")  # fmt: skip
-    lines = []
-    for k in keys:
-        v = result.get(k)
-        if v is not None:
-            lines.append(f"{k:<16} {v:.4f}" if isinstance(v, float) else f"{k:<16} {v}")
-    shown = [e for e in events if e["kind"] != "fault_injected"]
-    if shown:
-        lines.append("events:")
-    for e in shown:
-        lost = e.get("seconds_lost")
-        lines.append(
-            f"  step {e['step'] if e['step'] is not None else '-':>5}  {e['kind']:<12} "
-            f"devices {e.get('devices', [])}  "
-            f"{e.get('action', '')}" + (f"  ({lost:.2f} s lost)" if lost is not None else "")
-        )
-    return "\n".join(lines)

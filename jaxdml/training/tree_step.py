@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 from jaxdml.mesh import DATA_AXIS, replicated
 from jaxdml.models.trees import Collectives
 from jaxdml.training.state import TrainState
-from jaxdml.training.step import StepFn, all_finite, step_metrics
+from jaxdml.training.step_common import StepFn, all_finite, step_metrics
 
 
 def _psum(tree: Any) -> Any:

@@ -1,0 +1,110 @@
+"""The one callback protocol of the training loop, and periodic actions built on it.
+
+Everything that runs beside the step plugs in as a `Hook`: fault injection (before a
+step), checkpoints, replica checks and preemption (after a step is dispatched), the
+metrics writer, the anomaly guard, accounting and the progress line (on finished steps'
+metrics). The loop itself knows none of them.
+
+    class CountSkips(Hook):
+        def on_metrics(self, rows):
+            self.skipped += sum(r["skipped"] for r in rows)
+
+    Loop(..., hooks=[CountSkips(), Periodic(save, every_steps=100)])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+TrainState = Any  # jaxdml.training.state.TrainState (not imported: this module is a leaf)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInfo:
+    """A step just dispatched. `step` steps are done once it finishes; `state` is its
+    result (a future: reading it waits for the step, which the hot path must not do)."""
+
+    step: int
+    state: TrainState
+
+
+class Hook:
+    """Loop callbacks; every method is a no-op here, override what you need.
+
+    before_step(step, state, batch) -> (state, batch): before step `step + 1` is
+        dispatched; may replace the state or the batch (fault injection does).
+    after_step(info) -> bool: after a step was dispatched; True asks the loop to stop
+        once the steps in flight have finished (preemption).
+    on_metrics(rows): host rows of finished steps, in step order, each step exactly once
+        (`step`, the step's metrics, `seconds` between consecutive finishes). May raise to
+        stop the loop (the anomaly guard asks for a rollback that way).
+    """
+
+    def before_step(self, step: int, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        return state, batch
+
+    def after_step(self, info: StepInfo) -> bool:
+        del info
+        return False
+
+    def on_metrics(self, rows: list[dict]) -> None:
+        del rows
+
+
+@dataclasses.dataclass
+class Periodic(Hook):
+    """Runs `fn(step, state)` after every `every_steps` steps and/or `every_secs` seconds.
+
+    The first call only starts the clock: a time-based action runs `every_secs` after
+    the loop started, not at once. `clock` is injectable for tests.
+    """
+
+    fn: Callable[[int, TrainState], None]
+    every_steps: int = 0
+    every_secs: float = 0.0
+    clock: Callable[[], float] = time.monotonic
+    _last_time: float | None = None
+
+    def after_step(self, info: StepInfo) -> bool:
+        now = self.clock()
+        if self._last_time is None:
+            self._last_time = now
+        due_steps = self.every_steps > 0 and info.step % self.every_steps == 0
+        due_secs = self.every_secs > 0 and now - self._last_time >= self.every_secs
+        if due_steps or due_secs:
+            self._last_time = now
+            self.fn(info.step, info.state)
+        return False
+
+
+@dataclasses.dataclass
+class BeforeStep(Hook):
+    """Adapts a plain `fn(step, state, batch) -> (state, batch)` (the fault injector's)."""
+
+    fn: Callable[[int, TrainState, dict], tuple[TrainState, dict]]
+
+    def before_step(self, step: int, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        return self.fn(step, state, batch)
+
+
+@dataclasses.dataclass
+class OnMetrics(Hook):
+    """Adapts a plain `fn(rows)`."""
+
+    fn: Callable[[list[dict]], None]
+
+    def on_metrics(self, rows: list[dict]) -> None:
+        self.fn(rows)
+
+
+@dataclasses.dataclass
+class StopWhen(Hook):
+    """Asks the loop to stop once `predicate(step)` is true (a preemption notice)."""
+
+    predicate: Callable[[int], bool]
+
+    def after_step(self, info: StepInfo) -> bool:
+        return bool(self.predicate(info.step))

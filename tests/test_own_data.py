@@ -3,6 +3,7 @@ the training split only, and memory-mapped .npy directories."""
 
 import sys
 
+import jax
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,6 +12,7 @@ from jaxdml import mapped
 from jaxdml.config import default_config
 from jaxdml.data import DataError, _split_indices, load_dataset
 from jaxdml.mapped import MappedRows
+from jaxdml.training.trainer import Trainer
 
 
 def _data_config(path, **fields):
@@ -195,6 +197,21 @@ def test_predict_reads_mapped_splits_in_chunks_and_matches_one_call(tmp_path, mo
     ours = ds.predict(predict, 3, "test")
     assert calls == [16, 16, 8]
     np.testing.assert_array_equal(ours, predict(3, np.asarray(ds.x_test)))
+
+
+def test_trainer_on_mapped_data_matches_the_same_data_in_memory(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(400, 6)).astype(np.float32)
+    y = (x[:, 0] + x[:, 1] > 0).astype(np.int64)
+    np.savez(tmp_path / "d.npz", X=x, y=y)
+    results = []
+    for path in (_write_mapped(tmp_path / "d", x, y), tmp_path / "d.npz"):
+        config = _data_config(path)
+        config.train.mode, config.train.batch_size, config.train.num_steps = "minibatch", 64, 12
+        trainer = Trainer(config, str(tmp_path / f"run-{path.name}"), devices=jax.devices()[:3])
+        results.append(trainer.fit())
+    assert results[0]["params_sha256"] == results[1]["params_sha256"]
+    assert results[0]["test_accuracy"] == results[1]["test_accuracy"] > 0.7
 
 
 def test_split_is_scikit_learns_train_test_split():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -40,6 +41,8 @@ from jaxdml.mapped import (
     scan,
 )
 
+IDENTITY_FULL_BYTES = 64 << 20  # identity() hashes every training row up to this size
+IDENTITY_SAMPLE_ROWS = 4096  # otherwise this many evenly spaced rows, plus the first and last
 _EXTRA = "pip install 'jaxdml[datasets]'"
 
 
@@ -77,6 +80,34 @@ class Dataset:
             # np.array copies, so that no chunk outlives its step through a view of it.
             return np.concatenate([np.array(predict_fn(params, c)) for c in x.chunks()])
         return np.asarray(predict_fn(params, x))
+
+    def identity(self) -> dict[str, Any]:
+        """A small JSON-able fingerprint of the data, for checkpoint metadata, so that a
+        resume can refuse different data: shapes, dtypes, classes and a sha256 of the
+        training labels and feature rows. All rows are hashed up to IDENTITY_FULL_BYTES;
+        beyond, IDENTITY_SAMPLE_ROWS evenly spaced rows plus the first and last (fast on
+        a large mapped file; a change in rows outside the sample goes unnoticed).
+        """
+        x, n = self.x_train, len(self.y_train)
+        digest = hashlib.sha256(np.ascontiguousarray(self.y_train))
+        if n * x.dtype.itemsize * x.shape[1] <= IDENTITY_FULL_BYTES:
+            hashed: str | int = "all"
+            blocks = x.chunks() if isinstance(x, MappedRows) else [x]
+        else:
+            rows = np.unique(np.linspace(0, n - 1, IDENTITY_SAMPLE_ROWS + 2).astype(np.int64))
+            hashed, blocks = len(rows), [x[rows]]
+        for block in blocks:
+            digest.update(np.ascontiguousarray(block))
+        return {
+            "train_shape": [int(s) for s in x.shape],
+            "test_shape": [int(s) for s in self.x_test.shape],
+            "x_dtype": str(x.dtype),
+            "y_dtype": str(self.y_train.dtype),
+            "num_classes": int(self.num_classes),
+            "class_names": list(self.class_names),
+            "sha256": digest.hexdigest(),
+            "hashed_rows": hashed,
+        }
 
 
 class _Raw(NamedTuple):

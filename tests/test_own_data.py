@@ -1,6 +1,7 @@
 """Bring your own data: CSV/Parquet with named columns and string labels, imputation from
-the training split only, and memory-mapped .npy directories."""
+the training split only, memory-mapped .npy directories, and Dataset.identity()."""
 
+import json
 import sys
 
 import jax
@@ -212,6 +213,43 @@ def test_trainer_on_mapped_data_matches_the_same_data_in_memory(tmp_path):
         results.append(trainer.fit())
     assert results[0]["params_sha256"] == results[1]["params_sha256"]
     assert results[0]["test_accuracy"] == results[1]["test_accuracy"] > 0.7
+
+
+def test_identity_is_stable_and_one_changed_value_changes_it(tmp_path):
+    x = np.random.default_rng(2).normal(size=(100, 4)).astype(np.float32)
+    np.savez(tmp_path / "a.npz", X=x, y=np.arange(100) % 3)
+    first = _load(tmp_path / "a.npz").identity()
+    assert json.loads(json.dumps(first)) == first and first["hashed_rows"] == "all"
+    assert first == _load(tmp_path / "a.npz").identity()
+    assert first == _load(_write_mapped(tmp_path / "d", x, np.arange(100) % 3)).identity()
+    train, _ = _split_indices(100, 0.2, 42)
+    changed = x.copy()
+    changed[train[50], 3] += 1e-3
+    np.savez(tmp_path / "b.npz", X=changed, y=np.arange(100) % 3)
+    second = _load(tmp_path / "b.npz").identity()
+    assert second["sha256"] != first["sha256"]
+    assert {k: v for k, v in second.items() if k != "sha256"} == {
+        k: v for k, v in first.items() if k != "sha256"
+    }
+
+
+def test_identity_of_a_large_set_hashes_a_fixed_sample_including_first_and_last(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr("jaxdml.data.IDENTITY_FULL_BYTES", 1000)
+    monkeypatch.setattr("jaxdml.data.IDENTITY_SAMPLE_ROWS", 8)
+    x = np.arange(1200, dtype=np.float32).reshape(400, 3)
+    directory = _write_mapped(tmp_path / "d", x, np.arange(400) % 2)
+    ds = _load(directory)
+    first = ds.identity()
+    assert first["hashed_rows"] == 10 and first == _load(directory).identity()
+    n = len(ds.y_train)
+    for position in (0, n - 1, int(np.linspace(0, n - 1, 10)[4])):
+        row = int(ds.x_train.index[position])
+        changed = x.copy()
+        changed[row, 1] += 1
+        np.save(directory / "X.npy", changed)
+        assert _load(directory).identity()["sha256"] != first["sha256"]
 
 
 def test_split_is_scikit_learns_train_test_split():

@@ -22,6 +22,7 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "pegasos")
 RESUME_MODES = ("auto", "false", "auto_or_scratch")
 CPU_COLLECTIVES = ("gloo", "mpi")
 SVM_LOSSES = ("hinge", "squared_hinge")
+IMPUTE_METHODS = ("none", "mean", "median", "zero")
 
 
 class ConfigError(ValueError):
@@ -37,8 +38,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"  # synthetic | sklearn | file
     c.data.name = "make_classification"  # sklearn: make_classification|digits|breast_cancer|...
-    c.data.path = ""  # file: a .npz (arrays X, y) or .csv path
-    c.data.label_column = "label"  # file (.csv): name of the label column
+    c.data.path = ""  # file: .npz (X, y), .csv, .parquet, or a directory of X.npy, y.npy (mmap)
+    c.data.label_column = "label"  # .csv/.parquet: the label column, exactly as in the header
     c.data.n_samples = 10_000  # synthetic / make_classification: rows
     c.data.n_features = 20  # synthetic / make_classification: columns
     c.data.n_informative = 2  # synthetic / make_classification: informative columns
@@ -47,7 +48,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.test_size = 0.2  # held-out fraction
     c.data.split_seed = 42  # seed of the train/test split
     c.data.standardize = False  # z-score features with the training split's mean/std
-    c.data.classes = ()  # declared labels; () = infer 0..K-1 from the data
+    c.data.classes = ()  # declared labels (ints or strings, class k = k-th); () = sorted distinct
+    c.data.impute = "none"  # NaN features: none (error) | mean | median | zero (train split)
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "logreg"  # logreg | svm | gbdt | mlp
@@ -145,6 +147,20 @@ def _bool(v: Any) -> str | None:
     return None if isinstance(v, bool) else f"must be true or false, got {v!r}"
 
 
+def _nonempty_str(v: Any) -> str | None:
+    return None if isinstance(v, str) and v else f"must be a non-empty string, got {v!r}"
+
+
+def _labels(v: Any) -> str | None:
+    """Declared classes: distinct, and all integers or all strings."""
+    values = tuple(v) if isinstance(v, tuple | list) else None
+    ints = values is not None and all(isinstance(c, int) and not isinstance(c, bool) for c in v)
+    strs = values is not None and all(isinstance(c, str) for c in v)
+    if not (ints or strs) or len(set(values)) != len(values):
+        return f"must be distinct integers or distinct strings, got {v!r}"
+    return None
+
+
 def _host_port(v: Any) -> str | None:
     if not isinstance(v, str):
         return f"must be a string 'host:port', got {v!r}"
@@ -168,6 +184,9 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "data.test_size": _fraction,
     "data.split_seed": _int_at_least(0),
     "data.standardize": _bool,
+    "data.impute": _one_of(IMPUTE_METHODS),
+    "data.label_column": _nonempty_str,
+    "data.classes": _labels,
     "model.name": _one_of(MODELS),
     "model.l2": _float_at_least(0.0),
     "model.multiclass": _one_of(("auto", "binary", "multinomial")),

@@ -7,13 +7,21 @@ padded with weight-0 rows when D does not divide the batch. The batcher's
 position (epoch, index within the epoch) is a small pytree that lives in the
 TrainState, so a resumed or shrunk run continues with exactly the samples that
 were next.
+
+Data comes from a generator, scikit-learn, or a file: .npz (X, y), .csv / .parquet
+(through pandas and pyarrow) held in memory, or a directory with X.npy and y.npy
+whose features stay on disk, memory-mapped (`jaxdml.mapped`), for data sets larger
+than RAM.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -22,6 +30,20 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxdml.config import ConfigError
+from jaxdml.mapped import (
+    MappedFile,
+    MappedRows,
+    Moments,
+    Prep,
+    fill_values,
+    first_bad_cell,
+    median_sample,
+    scan,
+)
+
+IDENTITY_FULL_BYTES = 64 << 20  # identity() hashes every training row up to this size
+IDENTITY_SAMPLE_ROWS = 4096  # otherwise this many evenly spaced rows, plus the first and last
+_EXTRA = "pip install 'jaxdml[datasets]'"
 
 
 class DataError(ConfigError):
@@ -30,18 +52,72 @@ class DataError(ConfigError):
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """A train/test split held in host memory (float32 features, int32 labels)."""
+    """A train/test split: float32 features, int32 labels 0..K-1.
 
-    x_train: np.ndarray
+    Features are numpy arrays in host memory, or `MappedRows` (lazy row views of a
+    memory-mapped .npy file) for a data set larger than RAM. `class_names[k]` is the
+    original label of class k (str for string labels, int or float for numbers), so
+    predictions can be mapped back to it.
+    """
+
+    x_train: np.ndarray | MappedRows
     y_train: np.ndarray
-    x_test: np.ndarray
+    x_test: np.ndarray | MappedRows
     y_test: np.ndarray
     num_classes: int
     name: str
+    class_names: tuple = ()
 
     @property
     def num_features(self) -> int:
         return int(self.x_train.shape[1])
+
+    def predict(self, predict_fn: Callable[[Any, Any], Any], params: Any, split: str) -> np.ndarray:
+        """`predict_fn(params, x)` over the 'train' or 'test' rows: one call for arrays in
+        memory, one per chunk for mapped rows, so evaluation never loads a mapped split."""
+        x = {"train": self.x_train, "test": self.x_test}[split]
+        if isinstance(x, MappedRows):
+            # np.array copies, so that no chunk outlives its step through a view of it.
+            return np.concatenate([np.array(predict_fn(params, c)) for c in x.chunks()])
+        return np.asarray(predict_fn(params, x))
+
+    def identity(self) -> dict[str, Any]:
+        """A small JSON-able fingerprint of the data, for checkpoint metadata, so that a
+        resume can refuse different data: shapes, dtypes, classes and a sha256 of the
+        training labels and feature rows. All rows are hashed up to IDENTITY_FULL_BYTES;
+        beyond, IDENTITY_SAMPLE_ROWS evenly spaced rows plus the first and last (fast on
+        a large mapped file; a change in rows outside the sample goes unnoticed).
+        """
+        x, n = self.x_train, len(self.y_train)
+        digest = hashlib.sha256(np.ascontiguousarray(self.y_train))
+        if n * x.dtype.itemsize * x.shape[1] <= IDENTITY_FULL_BYTES:
+            hashed: str | int = "all"
+            blocks = x.chunks() if isinstance(x, MappedRows) else [x]
+        else:
+            rows = np.unique(np.linspace(0, n - 1, IDENTITY_SAMPLE_ROWS + 2).astype(np.int64))
+            hashed, blocks = len(rows), [x[rows]]
+        for block in blocks:
+            digest.update(np.ascontiguousarray(block))
+        return {
+            "train_shape": [int(s) for s in x.shape],
+            "test_shape": [int(s) for s in self.x_test.shape],
+            "x_dtype": str(x.dtype),
+            "y_dtype": str(self.y_train.dtype),
+            "num_classes": int(self.num_classes),
+            "class_names": list(self.class_names),
+            "sha256": digest.hexdigest(),
+            "hashed_rows": hashed,
+        }
+
+
+class _Raw(NamedTuple):
+    """Features and labels as read, before checks and the split."""
+
+    x: Any
+    y: Any
+    where: str  # the file or source, named in every error
+    columns: tuple[str, ...] | None = None  # feature column names (tables)
+    categorical: bool = False  # labels are strings/categories: map them in sorted order
 
 
 def make_classification(
@@ -86,47 +162,197 @@ def _sklearn_arrays(cfg: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndar
     return bunch.data, bunch.target
 
 
-def _file_arrays(cfg: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
+def _raw_arrays(cfg: ml_collections.ConfigDict) -> _Raw:
+    if cfg.source == "synthetic":
+        x, y = make_classification(
+            cfg.n_samples, cfg.n_features, cfg.n_informative, cfg.n_classes, cfg.random_state
+        )
+        return _Raw(x, y, "synthetic data")
+    if cfg.source == "sklearn":
+        return _Raw(*_sklearn_arrays(cfg), f"sklearn {cfg.name}")
+    return _file_arrays(cfg)
+
+
+def _file_arrays(cfg: ml_collections.ConfigDict) -> _Raw:
     path = cfg.path
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file (config.data.path)")
     if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as f:
-            missing = {"X", "y"} - set(f.files)
-            if missing:
-                raise DataError(f"{path}: missing array(s) {sorted(missing)}; need X and y")
-            return f["X"], f["y"]
-    if path.endswith(".csv"):
         try:
-            table = np.genfromtxt(path, delimiter=",", names=True, dtype=np.float64)
-        except ValueError as e:
-            raise DataError(f"{path}: cannot parse as CSV with a header row ({e})") from e
-        names = table.dtype.names or ()
-        if cfg.label_column not in names:
-            raise DataError(
-                f"{path}: no label column {cfg.label_column!r} (config.data.label_column); "
-                f"columns are {list(names)}"
+            with np.load(path, allow_pickle=False) as f:
+                missing = {"X", "y"} - set(f.files)
+                if missing:
+                    raise DataError(f"{path}: missing array(s) {sorted(missing)}; need X and y")
+                x, y = f["X"], f["y"]
+        except (ValueError, OSError) as e:
+            raise DataError(f"{path}: cannot read as .npz ({_first_line(e)})") from e
+        return _Raw(x, y, path, None, y.dtype.kind in "US")
+    if path.endswith((".csv", ".parquet", ".pq")):
+        return _table_arrays(path, cfg.label_column)
+    raise DataError(
+        f"{path}: unsupported file type; use .npz (X, y), .csv, .parquet, "
+        "or a directory holding X.npy and y.npy"
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# ------------------------------------------------------------------ CSV and Parquet
+
+
+def _read_table(path: str):
+    """The file as a pandas DataFrame, header names exactly as written.
+
+    CSV goes through pyarrow's parser (pandas engine='pyarrow'), which, unlike the
+    default one, refuses rows with too few fields as well as too many.
+    """
+    try:
+        import pandas as pd
+    except ImportError as e:
+        raise DataError(f"{path}: reading .csv/.parquet needs pandas and pyarrow: {_EXTRA}") from e
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: empty file (no header row)")
+    try:
+        if path.endswith(".csv"):
+            return pd.read_csv(path, engine="pyarrow")
+        return pd.read_parquet(path)
+    except ImportError as e:
+        raise DataError(f"{path}: reading .csv/.parquet needs pyarrow: {_EXTRA}") from e
+    except (ValueError, OSError) as e:  # pandas' ParserError and pyarrow's errors included
+        raise DataError(_unreadable(path, e)) from e
+
+
+def _unreadable(path: str, error: BaseException) -> str:
+    """One line on why a table could not be read, with the line of a ragged CSV row."""
+    if path.endswith(".csv"):
+        row = _first_ragged_row(path)
+        if row is not None:
+            return (
+                f"{path}: line {row.number} has {row.actual_columns} fields "
+                f"but the header has {row.expected_columns}"
             )
-        table = np.atleast_1d(table)
-        x = np.stack([table[n] for n in names if n != cfg.label_column], axis=1)
-        return x, table[cfg.label_column]
-    raise DataError(f"{path}: unsupported file type; use .npz (X, y) or .csv")
+    kind = "CSV" if path.endswith(".csv") else "Parquet"
+    return f"{path}: cannot read as {kind} ({_first_line(error)})"
 
 
-def _check_arrays(x: np.ndarray, y: np.ndarray, declared: tuple, where: str) -> np.ndarray:
-    """Validates X/y; returns labels as int32 0..K-1."""
+def _first_ragged_row(path: str):
+    """pyarrow's record of the first row whose field count differs from the header's
+    (its line number is only known when parsing in one thread, so parse again so)."""
+    import pyarrow.csv as pacsv
+
+    found = []
+
+    def stop(row):
+        found.append(row)
+        return "error"
+
+    with contextlib.suppress(ValueError, OSError):  # the error we asked for, or another
+        pacsv.read_csv(
+            path,
+            read_options=pacsv.ReadOptions(use_threads=False),
+            parse_options=pacsv.ParseOptions(invalid_row_handler=stop),
+        )
+    return found[0] if found and found[0].number is not None else None
+
+
+def _table_arrays(path: str, label: str) -> _Raw:
+    """Features (float64, NaN where a cell is empty), labels and column names of a table."""
+    df = _read_table(path)
+    import pandas as pd
+
+    columns = [str(c) for c in df.columns]
+    repeated = sorted({c for c in columns if columns.count(c) > 1})
+    if repeated:
+        raise DataError(f"{path}: repeated column names {repeated}")
+    if label not in columns:
+        raise DataError(
+            f"{path}: no label column {label!r} (config.data.label_column); columns are {columns}"
+        )
+    if len(df) == 0:
+        raise DataError(f"{path}: no data rows (header only)")
+    features = [c for c in df.columns if c != label]
+    if not features:
+        raise DataError(f"{path}: no feature columns besides the label column {label!r}")
+    for name in features:
+        _check_feature_column(path, name, df[name])
+    x = df[features].to_numpy(dtype=np.float64, na_value=np.nan)
+    y = df[label]
+    missing = y.isna().to_numpy()
+    if missing.any():
+        raise DataError(
+            f"{path}: label column {label!r} has missing values "
+            f"(first at row {int(np.argmax(missing))})"
+        )
+    categorical = isinstance(y.dtype, pd.CategoricalDtype) or not pd.api.types.is_numeric_dtype(y)
+    values = y.to_numpy() if categorical else y.to_numpy(dtype=np.float64)
+    return _Raw(x, values, path, tuple(str(c) for c in features), categorical)
+
+
+def _check_feature_column(path: str, name: str, column) -> None:
+    """Numbers and booleans (as 0/1) are features; any other column is named in an error."""
+    import pandas as pd
+
+    numeric = pd.api.types.is_numeric_dtype(column) and not isinstance(
+        column.dtype, pd.CategoricalDtype
+    )
+    if numeric or column.isna().all():
+        return
+    example = column.dropna().iloc[0]
+    raise DataError(
+        f"{path}: column {name!r} is not numeric (dtype {column.dtype}, e.g. {example!r}); "
+        "encode it as numbers or drop it"
+    )
+
+
+# ------------------------------------------------------------------ checks
+
+
+def _check_shape(x: Any, y: np.ndarray, where: str) -> None:
     if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
         raise DataError(f"{where}: X must be a non-empty 2-D array, got shape {x.shape}")
     if y.ndim != 1 or y.shape[0] != x.shape[0]:
         raise DataError(f"{where}: y has shape {y.shape} but X has {x.shape[0]} rows")
-    if not np.all(np.isfinite(x)):
-        bad = np.argwhere(~np.isfinite(x))[0]
-        raise DataError(f"{where}: X has NaN/Inf values (first at row {bad[0]}, column {bad[1]})")
-    if not np.all(np.isfinite(y.astype(np.float64))) or np.any(y != np.round(y)):
-        raise DataError(f"{where}: labels must be integers")
-    labels = y.astype(np.int64)
-    classes = np.asarray(declared, dtype=np.int64) if declared else np.unique(labels)
-    unknown = np.setdiff1d(np.unique(labels), classes)
+    if not np.issubdtype(x.dtype, np.number):
+        raise DataError(f"{where}: X must be numeric, got dtype {x.dtype}")
+
+
+def _bad_cell_error(where: str, cell: tuple[int, int], value: float, columns) -> DataError:
+    """The error for the first NaN/Inf feature value (rows count from 0, after any header)."""
+    row, col = cell
+    name = repr(columns[col]) if columns else col
+    hint = (
+        "; config.data.impute (mean|median|zero) can fill missing values"
+        if np.isnan(value)
+        else "; infinite values cannot be imputed"
+    )
+    return DataError(f"{where}: X has NaN/Inf values (first at row {row}, column {name}){hint}")
+
+
+def _encode_labels(
+    y: np.ndarray, declared: tuple, where: str, categorical: bool
+) -> tuple[np.ndarray, tuple]:
+    """Labels as classes 0..K-1, and the original label of each class.
+
+    Numeric labels must be integers (categorical ones need not be). The classes are
+    `declared` (config.data.classes), in that order, or else the distinct labels in
+    sorted order; strings are compared as strings.
+    """
+    if y.dtype.kind == "f" and np.isnan(y).any():
+        first = int(np.isnan(y).argmax())
+        raise DataError(f"{where}: y has missing (NaN) labels (first at row {first})")
+    if y.dtype.kind in "USO":
+        y, declared = y.astype(str), tuple(str(c) for c in declared)
+    elif declared and any(isinstance(c, str) for c in declared):
+        raise DataError(f"{where}: labels are numbers but config.data.classes are strings")
+    elif not categorical:
+        if not np.all(np.isfinite(y.astype(np.float64))) or np.any(y != np.round(y)):
+            raise DataError(f"{where}: labels must be integers")
+        y = y.astype(np.int64)
+    classes = np.asarray(declared, dtype=y.dtype) if declared else np.unique(y)
+    unknown = np.setdiff1d(np.unique(y), classes)
     if unknown.size:
         raise DataError(
             f"{where}: labels {unknown[:5].tolist()} are not in the declared classes "
@@ -134,57 +360,127 @@ def _check_arrays(x: np.ndarray, y: np.ndarray, declared: tuple, where: str) -> 
         )
     if classes.size < 2:
         raise DataError(f"{where}: need at least 2 classes, found {classes.tolist()}")
-    return np.searchsorted(classes, labels).astype(np.int32)
+    order = np.argsort(classes, kind="stable")
+    labels = order[np.searchsorted(classes, y, sorter=order)]
+    return labels.astype(np.int32), tuple(c.item() for c in classes)
 
 
-def _split(x: np.ndarray, y: np.ndarray, test_size: float, seed: int) -> tuple:
-    try:
-        from sklearn.model_selection import train_test_split
-    except ImportError:
-        perm = np.random.default_rng(seed).permutation(len(x))
-        n_test = int(np.ceil(test_size * len(x)))
-        return x[perm[n_test:]], x[perm[:n_test]], y[perm[n_test:]], y[perm[:n_test]]
-    return train_test_split(x, y, test_size=test_size, random_state=seed)
+# ------------------------------------------------------------------ split and preprocessing
+
+
+def _split_indices(n: int, test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train and test row numbers: exactly the rows scikit-learn's train_test_split picks
+    for (n, test_size, random_state=seed), as the in-memory path always used, without
+    importing scikit-learn (~165 MB resident for one permutation)."""
+    perm = np.random.RandomState(seed).permutation(n)
+    n_test = int(np.ceil(test_size * n))
+    if n_test >= n:
+        raise DataError(f"config.data.test_size={test_size} leaves no training rows out of {n}")
+    return perm[n_test:], perm[:n_test]
+
+
+def _checked_fill(method: str, moments: Moments, sample, where: str, columns) -> np.ndarray:
+    """Fill values for config.data.impute; a column without any training value is an error."""
+    fill = fill_values(method, moments, sample)
+    empty = np.flatnonzero(~np.isfinite(fill))
+    if empty.size:
+        name = repr(columns[empty[0]]) if columns else int(empty[0])
+        raise DataError(
+            f"{where}: column {name} has no values in the training split to impute from "
+            f"(config.data.impute={method!r})"
+        )
+    return fill
+
+
+def _impute(x_tr: np.ndarray, x_te: np.ndarray, method: str, where: str, columns) -> tuple:
+    """Fills NaN in both splits with statistics of the training split only."""
+    moments = Moments(x_tr.shape[1])
+    moments.update(x_tr)
+    fill = _checked_fill(method, moments, x_tr, where, columns)
+    return tuple(np.where(np.isnan(v), fill.astype(v.dtype), v) for v in (x_tr, x_te))
 
 
 def load_dataset(cfg: ml_collections.ConfigDict) -> Dataset:
     """Loads and validates the data set named by `config.data`, split into train/test.
 
+    A directory holding X.npy and y.npy is memory-mapped (see `_load_mapped`);
+    everything else is read into memory. Missing feature values are an error unless
+    config.data.impute fills them; fill values and standardization come from the
+    training split only, after the split.
+
     Raises:
       DataError: naming the file (or source) and the problem.
     """
-    if cfg.source == "synthetic":
-        x, y = make_classification(
-            cfg.n_samples, cfg.n_features, cfg.n_informative, cfg.n_classes, cfg.random_state
-        )
-        where = "synthetic data"
-    elif cfg.source == "sklearn":
-        x, y = _sklearn_arrays(cfg)
-        where = f"sklearn {cfg.name}"
-    else:
-        x, y = _file_arrays(cfg)
-        where = cfg.path
-    x = np.asarray(x)
-    if not np.issubdtype(x.dtype, np.number):
-        raise DataError(f"{where}: X must be numeric, got dtype {x.dtype}")
-    labels = _check_arrays(x.astype(np.float64), np.asarray(y), tuple(cfg.classes), where)
-    num_classes = len(cfg.classes) if cfg.classes else int(labels.max()) + 1
+    if cfg.source == "file" and os.path.isdir(cfg.path):
+        return _load_mapped(cfg)
+    raw = _raw_arrays(cfg)
+    x, y, where = np.asarray(raw.x), np.asarray(raw.y), raw.where
+    _check_shape(x, y, where)
+    bad = first_bad_cell(x, allow_nan=cfg.impute != "none")
+    if bad is not None:
+        raise _bad_cell_error(where, bad, x[bad], raw.columns)
+    labels, names = _encode_labels(y, tuple(cfg.classes), where, raw.categorical)
     if len(x) < 4:
         raise DataError(f"{where}: need at least 4 rows for a train/test split, got {len(x)}")
-    x_tr, x_te, y_tr, y_te = _split(x, labels, cfg.test_size, cfg.split_seed)
+    train, test = _split_indices(len(x), cfg.test_size, cfg.split_seed)
+    x_tr, x_te, y_tr, y_te = x[train], x[test], labels[train], labels[test]
+    if cfg.impute != "none":
+        x_tr, x_te = _impute(x_tr, x_te, cfg.impute, where, raw.columns)
     if cfg.standardize:
         mean, std = x_tr.mean(0), x_tr.std(0)
         std = np.where(std > 0, std, 1.0)
         x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
     f32 = np.float32
-    return Dataset(
-        x_tr.astype(f32),
-        y_tr.astype(np.int32),
-        x_te.astype(f32),
-        y_te.astype(np.int32),
-        num_classes,
-        where,
-    )
+    return Dataset(x_tr.astype(f32), y_tr, x_te.astype(f32), y_te, len(names), where, names)
+
+
+def _load_mapped(cfg: ml_collections.ConfigDict) -> Dataset:
+    """A directory with X.npy, memory-mapped and never loaded whole, and y.npy (loaded:
+    labels are small). The split keeps row numbers; the fill values and standardization
+    come from one streaming pass and are applied as rows are read."""
+    x_path, y_path = (os.path.join(cfg.path, name) for name in ("X.npy", "y.npy"))
+    for path in (x_path, y_path):
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: no such file; a data directory holds X.npy and y.npy")
+    try:
+        file = MappedFile(x_path)
+    except (ValueError, OSError) as e:
+        raise DataError(f"{x_path}: cannot memory-map as .npy ({_first_line(e)})") from e
+    try:
+        y = np.load(y_path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise DataError(f"{y_path}: cannot load as .npy ({_first_line(e)})") from e
+    _check_shape(file.array, y, x_path)
+    labels, names = _encode_labels(y, tuple(cfg.classes), y_path, y.dtype.kind in "US")
+    if len(y) < 4:
+        raise DataError(f"{x_path}: need at least 4 rows for a train/test split, got {len(y)}")
+    train, test = _split_indices(len(y), cfg.test_size, cfg.split_seed)
+    prep = _mapped_prep(file, train, cfg, x_path)
+    x_tr, x_te = MappedRows(file, train, prep), MappedRows(file, test, prep)
+    return Dataset(x_tr, labels[train], x_te, labels[test], len(names), cfg.path, names)
+
+
+def _mapped_prep(file: MappedFile, train: np.ndarray, cfg, where: str) -> Prep:
+    """Checks every value and fits fill values and z-scoring on the training rows, in
+    one streaming pass (the median: on a fixed sample of training rows, see mapped.py)."""
+    mask = np.zeros(file.array.shape[0], bool)
+    mask[train] = True
+    fit = cfg.impute != "none" or cfg.standardize
+    bad, moments = scan(file, mask, allow_nan=cfg.impute != "none", need_moments=fit)
+    if bad is not None:
+        raise _bad_cell_error(where, bad, file.array[bad], None)
+    if not fit:
+        return Prep()
+    fill = None
+    if cfg.impute != "none":
+        sample = file.take(median_sample(train)) if cfg.impute == "median" else None
+        fill = _checked_fill(cfg.impute, moments, sample, where, None)
+        missing = len(train) - moments.n  # the filled values join the statistics
+        moments.add(missing, fill, np.zeros_like(fill))
+    if not cfg.standardize:
+        return Prep(fill)
+    std = moments.std()
+    return Prep(fill, moments.mean, np.where(std > 0, std, 1.0))
 
 
 def initial_position() -> dict[str, np.ndarray]:
@@ -199,7 +495,17 @@ class GlobalBatcher:
     is a permutation seeded by (seed, epoch). The last batch of an epoch is short
     and padded with weight-0 rows, so every sample is seen exactly once per epoch.
     Full-batch mode: every step is the whole training set and one epoch.
+
+    `x` may be `MappedRows`: each device slice then reads its rows from the mapped
+    file by global index, so minibatch training streams a data set larger than RAM.
+    Full-batch mode places the whole training set on the devices, so it loads it.
     """
+
+    # Not Grain: its IndexSampler shards records per process (shard_index/shard_count)
+    # and shuffles within a shard, with drop_remainder dropping the uneven tail, so the
+    # samples of a global step would depend on the process count; what we need from it
+    # (a seeded permutation, random row reads) is a few lines here, and our position
+    # pytree already checkpoints the iterator.
 
     def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int | None, seed: int):
         """Args: x, y: training arrays; batch_size: None for full batch; seed: order seed."""

@@ -376,10 +376,10 @@ class Trainer:
         """
         params = to_host((self.state if state is None else state).params)
         ds = self.dataset
-        predict = self._predict
+        predict = self._predict  # ds.predict: chunk by chunk when the data is memory-mapped
         return {
-            "train_accuracy": float(np.mean(np.asarray(predict(params, ds.x_train)) == ds.y_train)),
-            "test_accuracy": float(np.mean(np.asarray(predict(params, ds.x_test)) == ds.y_test)),
+            "train_accuracy": float(np.mean(ds.predict(predict, params, "train") == ds.y_train)),
+            "test_accuracy": float(np.mean(ds.predict(predict, params, "test") == ds.y_test)),
         }
 
     def stop_preempted(self, step: int) -> dict:

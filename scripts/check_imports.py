@@ -27,7 +27,7 @@ LAYERS = [
     ["jaxdml.distributed", "jaxdml.plots"],
     ["jaxdml.data", "jaxdml.cli"],
     ["jaxdml.config", "jaxdml.metrics"],
-    ["jaxdml.models", "jaxdml.faults", "jaxdml.mesh", "jaxdml.training.__init__"],
+    ["jaxdml.models", "jaxdml.faults", "jaxdml.mesh", "jaxdml.mapped", "jaxdml.training.__init__"],
     ["jaxdml.constants"],
 ]
 

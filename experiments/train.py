@@ -7,7 +7,7 @@ from ml_collections import config_flags
 
 import jaxdml
 from jaxdml import cli, distributed
-from jaxdml.constants import EXIT_GAVE_UP
+from jaxdml.constants import EXIT_GAVE_UP, EXIT_INTERRUPTED
 from jaxdml.faults.errors import GaveUp
 from jaxdml.metrics import EventLog
 
@@ -19,10 +19,13 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
     del argv
     try:
-        result = jaxdml.train(_CONFIG.value, _WORKDIR.value)
+        result = jaxdml.train(cli.config_value(_CONFIG), _WORKDIR.value)
     except GaveUp as e:
         print(f"gave up: {e} (report: {_WORKDIR.value}/report.json)", file=sys.stderr)
         sys.exit(EXIT_GAVE_UP)
+    if result.get("interrupted"):
+        print(f"interrupted at step {result['steps']}: checkpoint saved; rerun to resume")
+        sys.exit(EXIT_INTERRUPTED)
     if not distributed.is_coordinator():
         return  # process 0 reports for the job
     if result.get("preempted"):

@@ -32,12 +32,20 @@ class Accounting(Hook):
         self.step_seconds: dict[int, float] = {}  # latest execution time of each step
         self.last_progress = clock()  # when the newest step was dispatched
         self._pending: dict | None = None  # a recovery waiting for its first good step
+        self.device_seconds: dict[int, float] = {}  # step time less the loop's host work
+        self._first_of_loop = True
+        self._compile_steps: set[int] = set()
         self._t0 = self.last_progress
         self._wall: float | None = None
 
     def start(self) -> None:
         self._t0 = self.last_progress = self.clock()
         self._wall = None
+        self._first_of_loop = True
+
+    def loop_started(self) -> None:
+        """A new loop (after a recovery): its first step compiles."""
+        self._first_of_loop = True
 
     def stop(self) -> None:
         self._wall = self.clock() - self._t0
@@ -48,7 +56,11 @@ class Accounting(Hook):
 
     def on_metrics(self, rows: list[dict]) -> None:
         for row in rows:
+            if self._first_of_loop:  # compilation for this mesh: not a step's own time
+                self._first_of_loop = False
+                self._compile_steps.add(row["step"])
             self.step_seconds[row["step"]] = row["seconds"]
+            self.device_seconds[row["step"]] = max(0.0, row["seconds"] - row["host_seconds"])
         if self._pending is not None:
             self._close_recovery(rows[0]["step"])
 
@@ -85,6 +97,7 @@ class Accounting(Hook):
         times = [r["seconds_lost"] for r in self.recoveries]
         step_times = list(self.step_seconds.values()) or [0.0]
         median = statistics.median(step_times)
+        device = [t for s, t in self.device_seconds.items() if s not in self._compile_steps]
         return {
             "goodput": productive / wall if wall > 0 else 0.0,
             "faults": counts,
@@ -94,5 +107,15 @@ class Accounting(Hook):
             "recovery_seconds_max": max(times) if times else 0.0,
             "step_seconds_median": median,
             "step_seconds_max": max(step_times),
-            "slow_steps": sum(t > 3 * median for t in step_times),
+            "slow_steps": slow_steps(device),
         }
+
+
+def slow_steps(seconds: list[float]) -> int:
+    """Stragglers among step times (host work of the loop and compilations left out): a
+    step slower than 5x the median and by more than 20 ms. A shared machine's jitter and
+    a checkpoint's background write stay below that; a device that stalls does not."""
+    if not seconds:
+        return 0
+    median = statistics.median(seconds)
+    return sum(t > max(5 * median, median + 0.02) for t in seconds)

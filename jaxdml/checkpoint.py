@@ -1,16 +1,24 @@
-"""Orbax checkpoints of the whole TrainState, with our own validity check.
+"""Checkpoints of the whole TrainState, with our own validity seal.
 
-A checkpoint step holds two Orbax items: `state` (the TrainState pytree) and
-`meta` (JSON: the state's fingerprint, the config fields that define the
-problem, leaf shapes, versions, device count). A step is used only if Orbax
-committed it (its commit marker is present) and the restored state's
-fingerprint equals the one recorded at save time. A step that fails either
-check is moved aside (never deleted) and the next older one is tried.
+A checkpoint step holds the state, a JSON meta (the config fields and data identity that
+define the problem, leaf shapes, versions, device count) and our seal,
+`jaxdml_seal.json`: the fingerprint every replica of the state agreed on when it was
+saved. The replicas' fingerprints are dispatched on the device with the save and their
+verdict is given later (`approve` / `reject`), so the check costs the loop nothing; a
+step whose replicas disagreed is never sealed, so it is never restored (the supervisor
+handles the silent data corruption instead). A step is used only if it was committed,
+it carries the seal, and the restored state's fingerprint equals the sealed one. A step
+that fails is moved aside (never deleted) and the next older one is tried.
+
+`Tier` holds that logic; `Checkpointer` is the persistent tier (Orbax's
+CheckpointManager in workdir/checkpoints, shared by the processes) and
+jaxdml.memory_tier.MemoryTier the process-local one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import Any
@@ -25,7 +33,7 @@ from jaxdml.config import ConfigError
 from jaxdml.faults.detect import fingerprint_hex
 
 COMMIT_MARKER = "commit_success.txt"
-SET_ASIDE_DIR = "checkpoints_set_aside"
+SEAL = "jaxdml_seal.json"
 
 # Fields that define the problem: a checkpoint written under other values
 # cannot be resumed by this config.
@@ -79,31 +87,271 @@ def leaf_shapes(tree: Any) -> dict[str, list[int]]:
     return {jax.tree_util.keystr(path): list(leaf.shape) for path, leaf in flat}
 
 
-class Checkpointer:
-    """Async Orbax saves of the TrainState; restore of the newest valid step.
+@dataclasses.dataclass
+class _Pending:
+    """A save whose seal waits for its commit and for the verdict on its replicas."""
+
+    step: int
+    fingerprint: str | None = None  # the agreed fingerprint, once approved
+    rejected: str | None = None  # why it must never be used, once rejected
+
+
+class Tier:
+    """One checkpoint tier: saves, the seal, validity, restore of the newest valid step.
+
+    Subclasses store the bytes: `_write`, `_finish_writes`, `_committed`, `steps`,
+    `_read_meta`, `_read_state`, `_forget`, `close`.
 
     Args:
-      workdir: run folder; checkpoints go to workdir/checkpoints.
+      directory: the tier's folder.
+      set_aside: where invalid steps are moved (kept for inspection).
+      on_event: callback(kind, step, **fields) for events.jsonl.
+      primary: this process seals and sets aside (a shared tier has one primary).
+    """
+
+    def __init__(self, directory: str, set_aside: str, on_event=None, primary: bool = True):
+        self.directory = os.path.abspath(directory)
+        self.set_aside_dir = set_aside
+        self._on_event = on_event or (lambda *a, **k: None)
+        self._primary = primary
+        self.failed_saves = 0
+        self.saves = 0
+        self.last_saved_step: int | None = None
+        self._pending: list[_Pending] = []
+
+    # ----------------------------------------------------------------- saving
+
+    def save(self, step: int, state: Any, meta: dict[str, Any], wait: bool = False) -> bool:
+        """Starts saving `state` as `step` (blocks only for the device->host copy).
+
+        The step is sealed once it is committed and `approve` gave the fingerprint its
+        replicas agreed on; until then it is not a valid checkpoint. A failed earlier
+        background save is reported here (logged, counted, recorded) and this save is
+        still attempted. Returns whether it was issued.
+        """
+        self._surface_background_errors()
+        if step == self.last_saved_step or self._has(step):
+            return False
+        meta = {
+            **meta,
+            "step": int(step),
+            "shapes": leaf_shapes(state),
+            "jax_version": jax.__version__,
+            "saved_at": time.time(),
+        }
+        try:
+            self._write(step, state, meta)
+        except Exception as e:  # noqa: BLE001 -- a failed save must not end training
+            self._record_failure(step, e)
+            return False
+        self.saves += 1
+        self.last_saved_step = step
+        self._pending.append(_Pending(step))
+        if wait:
+            self.wait()
+        return True
+
+    def approve(self, step: int, fingerprint: str) -> None:
+        """The replicas of the state saved as `step` agreed on `fingerprint`: seal it once
+        it is committed."""
+        for p in self._pending:
+            if p.step == step:
+                p.fingerprint = fingerprint
+        self.poll()
+
+    def reject(self, step: int, reason: str) -> None:
+        """The replicas of the state saved as `step` disagreed: it is never sealed, and is
+        set aside once it has been written."""
+        for p in self._pending:
+            if p.step == step:
+                p.rejected = reason
+        self.poll()
+
+    def poll(self) -> None:
+        """Seals (or sets aside) the pending saves that are committed and have a verdict;
+        cheap when there is nothing to do (a few stat calls)."""
+        still = []
+        for p in self._pending:
+            if (p.fingerprint is None and p.rejected is None) or not self._committed(p.step):
+                still.append(p)
+            elif p.rejected is not None:
+                self.set_aside(p.step, p.rejected)
+            elif self._primary:
+                seal = {"fingerprint": p.fingerprint}
+                _write_atomically(os.path.join(self._step_dir(p.step), SEAL), seal)
+        self._pending = still
+
+    def wait(self) -> None:
+        """Blocks until pending saves are written, and seals those with a verdict;
+        reports a failed save."""
+        try:
+            self._finish_writes()
+        except Exception as e:  # noqa: BLE001
+            self._record_failure(self.last_saved_step, e)
+        self.poll()
+        # What did not commit (a failed save) never will.
+        self._pending = [p for p in self._pending if os.path.isdir(self._step_dir(p.step))]
+
+    def _surface_background_errors(self) -> None:
+        pass
+
+    def _record_failure(self, step: int | None, error: Exception) -> None:
+        self.failed_saves += 1
+        logging.error("checkpoint save of step %s failed: %s", step, error)
+        self._on_event("checkpoint_save_failed", step or 0, error=str(error)[:500])
+
+    def _step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    # -------------------------------------------------------------- restoring
+
+    def restore_latest_valid(
+        self, abstract_state: Any, problem: dict[str, Any], at_most: int | None = None
+    ) -> tuple[Any, dict] | None:
+        """The newest step (<= at_most) that is committed, sealed, written for `problem`
+        and matches its seal; invalid ones are set aside with a warning. None when there
+        are no checkpoints at all.
+
+        Raises:
+          NoValidCheckpoint: checkpoints exist but none is valid.
+          CheckpointError: the newest committed one was written for another problem
+            (names the mismatched field).
+        """
+        steps = [s for s in self.steps() if at_most is None or s <= at_most]
+        if not steps:
+            return None
+        for step in reversed(steps):
+            restored = self.restore_step(step, abstract_state, problem)
+            if restored is not None:
+                return restored
+        raise NoValidCheckpoint(f"{self.directory}: none of the checkpoints {steps} is valid")
+
+    def restore_step(self, step: int, abstract_state: Any, problem: dict) -> tuple | None:
+        """(state, meta) of `step` if it is valid; otherwise None, and it is set aside.
+
+        Raises:
+          CheckpointError: it was written for another problem (names the field).
+        """
+        restored, problem_text = self._try_restore(step, abstract_state, problem)
+        if restored is None:
+            logging.warning("checkpoint step %d is not usable (%s)", step, problem_text)
+            self.set_aside(step, problem_text)
+        return restored
+
+    def valid_candidates(self) -> tuple[list[int], int]:
+        """What this tier can offer before anything is read: (sealed and committed steps,
+        newest first; how many sealed steps are broken).
+
+        A step without our seal never completed (the process died before its replicas
+        were verified, or they disagreed): it is set aside and does not count. A sealed
+        step that is not committed was damaged after it completed: it is set aside and
+        counts as a checkpoint that existed.
+        """
+        out, broken = [], 0
+        for step in reversed(self.steps()):
+            problem = self._marker_problem(step)
+            if problem is None:
+                out.append(step)
+                continue
+            logging.warning("checkpoint step %d is not usable (%s)", step, problem)
+            broken += os.path.exists(os.path.join(self._step_dir(step), SEAL))
+            self.set_aside(step, problem)
+        return out, broken
+
+    def _marker_problem(self, step: int) -> str | None:
+        if not os.path.exists(os.path.join(self._step_dir(step), SEAL)):
+            return "no seal: it never completed (killed before its replicas were verified)"
+        if not self._committed(step):
+            return f"no commit marker in {step}/"
+        return None
+
+    def _try_restore(self, step: int, abstract_state: Any, problem: dict) -> tuple:
+        bad = self._marker_problem(step)
+        if bad:
+            return None, bad
+        meta, bad = self._read_meta(step)
+        if bad:
+            return None, bad
+        _check_compatible(meta, abstract_state, problem, step)
+        try:
+            state = self._read_state(step, abstract_state)
+        except Exception as e:  # noqa: BLE001 -- a broken checkpoint is expected here
+            return None, f"unreadable state: {str(e)[:200]}"
+        with open(os.path.join(self._step_dir(step), SEAL)) as f:
+            sealed = json.load(f)["fingerprint"]
+        got = fingerprint_hex(state)
+        if got != sealed:
+            return None, f"checksum mismatch (sealed {sealed}, restored {got})"
+        return (state, meta), None
+
+    def set_aside(self, step: int, reason: str) -> str | None:
+        """Moves a bad step out of the checkpoint folder (kept for inspection). In a
+        shared tier only the primary process moves it (the others would race it)."""
+        if not self._primary or not os.path.isdir(self._step_dir(step)):
+            return None
+        os.makedirs(self.set_aside_dir, exist_ok=True)
+        target = os.path.join(self.set_aside_dir, f"{step}-{int(time.time() * 1000)}")
+        os.replace(self._step_dir(step), target)
+        self._on_event("checkpoint_set_aside", step, reason=reason, moved_to=target)
+        self._forget(step)
+        return target
+
+    def move_all_aside(self, reason: str) -> None:
+        """Sets every step aside (a run told not to resume keeps the old ones)."""
+        for step in self.steps():
+            self.set_aside(step, reason)
+
+    # ------------------------------------------------------- storage (subclass)
+
+    def steps(self) -> list[int]:
+        raise NotImplementedError
+
+    def _has(self, step: int) -> bool:
+        return step in self.steps()
+
+    def _write(self, step: int, state: Any, meta: dict) -> None:
+        raise NotImplementedError
+
+    def _finish_writes(self) -> None:
+        raise NotImplementedError
+
+    def _committed(self, step: int) -> bool:
+        raise NotImplementedError
+
+    def _read_meta(self, step: int) -> tuple[dict, str | None]:
+        raise NotImplementedError
+
+    def _read_state(self, step: int, abstract_state: Any) -> Any:
+        raise NotImplementedError
+
+    def _forget(self, step: int) -> None:
+        """After `step` was moved away."""
+
+    def close(self) -> None:
+        self.wait()
+
+
+class Checkpointer(Tier):
+    """The persistent tier: Orbax's CheckpointManager (async saves, max_to_keep), shared by
+    the processes of the job; process 0 (the lowest survivor) seals.
+
+    Args:
+      directory, set_aside, on_event: as Tier.
       max_to_keep: newest steps kept.
       keep_period: also keep every step divisible by this (0: off).
       async_save: save in a background thread.
-      on_event: callback(kind, step, **fields) for events.jsonl.
     """
 
     def __init__(
         self,
-        workdir: str,
+        directory: str,
+        set_aside: str,
         max_to_keep: int = 3,
         keep_period: int = 0,
         async_save: bool = True,
         on_event=None,
     ):
-        self.workdir = workdir
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-        self._on_event = on_event or (lambda *a, **k: None)
-        self.failed_saves = 0
-        self.saves = 0
-        self.last_saved_step: int | None = None
+        super().__init__(directory, set_aside, on_event, primary=jax.process_index() == 0)
         self._options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             keep_period=keep_period or None,
@@ -112,6 +360,10 @@ class Checkpointer:
         )
         self.manager = ocp.CheckpointManager(self.directory, options=self._options)
         self._host_copies = False
+        self._alone: ocp.CheckpointManager | None = None
+        # Multi-process, each process reads alone: one may restore a step the others take
+        # from their memory tier (Orbax's own restore would wait for all of them).
+        self.read_alone = jax.process_count() > 1
 
     def restrict_to(self, process_ids: list[int]) -> None:
         """After a host loss: a new manager among the surviving processes.
@@ -121,57 +373,39 @@ class Checkpointer:
         primary host, and is given host numpy copies of the replicated state, which
         Orbax saves from the primary host (it refuses process-local jax.Arrays).
         """
+        self.manager = self._manager(process_ids, f"survivors_{'_'.join(map(str, process_ids))}")
+        self._primary = jax.process_index() == min(process_ids)
+        self._host_copies = True
+
+    def _manager(self, process_ids: list[int], prefix: str) -> ocp.CheckpointManager:
         options = dataclasses.replace(
             self._options,
             create=False,
             multiprocessing_options=ocp.options.MultiprocessingOptions(
                 primary_host=min(process_ids),
                 active_processes=set(process_ids),
-                barrier_sync_key_prefix=f"survivors_{'_'.join(map(str, process_ids))}",
+                barrier_sync_key_prefix=prefix,
             ),
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
-        self._host_copies = True
+        return ocp.CheckpointManager(self.directory, options=options)
 
-    # ----------------------------------------------------------------- saving
+    def steps(self) -> list[int]:
+        """Steps Orbax lists in the folder, oldest first."""
+        self.manager.reload()
+        return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state: Any, meta: dict[str, Any], wait: bool = False) -> bool:
-        """Starts saving `state` as `step` (blocks only for the device->host copy).
+    def _has(self, step: int) -> bool:
+        # Not steps(): reloading races Orbax's own deletion of old steps in its thread.
+        return step in self.manager.all_steps()
 
-        A failure of an earlier background save is reported here (logged, counted,
-        recorded) and this save is still attempted. Returns whether it was issued.
-        """
-        self._surface_background_errors()
-        if step == self.last_saved_step or step in self.manager.all_steps():
-            return False
+    def _write(self, step: int, state: Any, meta: dict) -> None:
         if self._host_copies:
             state = jax.tree.map(_local_copy, state)
-        meta = {
-            **meta,
-            "step": int(step),
-            "fingerprint": fingerprint_hex(state),
-            "shapes": leaf_shapes(state),
-            "jax_version": jax.__version__,
-            "saved_at": time.time(),
-        }
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        try:
-            self.manager.save(step, args=args, force=True)
-        except Exception as e:  # noqa: BLE001 -- a failed save must not end training
-            self._record_failure(step, e)
-            return False
-        self.saves += 1
-        self.last_saved_step = step
-        if wait:
-            self.wait()
-        return True
+        self.manager.save(step, args=args, force=True)
 
-    def wait(self) -> None:
-        """Blocks until pending saves are committed; reports a failed one."""
-        try:
-            self.manager.wait_until_finished()
-        except Exception as e:  # noqa: BLE001
-            self._record_failure(self.last_saved_step, e)
+    def _finish_writes(self) -> None:
+        self.manager.wait_until_finished()
 
     def _surface_background_errors(self) -> None:
         try:
@@ -179,86 +413,50 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001
             self._record_failure(self.last_saved_step, e)
 
-    def _record_failure(self, step: int | None, error: Exception) -> None:
-        self.failed_saves += 1
-        logging.error("checkpoint save of step %s failed: %s", step, error)
-        self._on_event("checkpoint_save_failed", step or 0, error=str(error)[:500])
-
-    # -------------------------------------------------------------- restoring
-
-    def steps(self) -> list[int]:
-        """Steps Orbax lists in the checkpoint folder, oldest first."""
-        self.manager.reload()
-        return sorted(self.manager.all_steps())
-
-    def restore_latest_valid(
-        self, abstract_state: Any, config_identity: dict[str, Any]
-    ) -> tuple[Any, dict] | None:
-        """The newest step that is committed, matches the config and passes its checksum.
-
-        Invalid steps are set aside with a warning. Returns None when there are no
-        checkpoints at all.
-
-        Raises:
-          NoValidCheckpoint: checkpoints exist but none is valid.
-          CheckpointError: the newest committed one was written for another config
-            (names the mismatched field).
-        """
-        steps = self.steps()
-        if not steps:
-            return None
-        for step in reversed(steps):
-            restored, problem = self._try_restore(step, abstract_state, config_identity)
-            if restored is not None:
-                return restored
-            logging.warning(
-                "checkpoint step %d is not usable (%s); trying an older one", step, problem
-            )
-            self.set_aside(step, problem)
-        raise NoValidCheckpoint(
-            f"{self.directory}: none of the checkpoints {steps} is valid (set aside in "
-            f"{SET_ASIDE_DIR}/); use --config.checkpoint.resume=auto_or_scratch to start over"
+    def _committed(self, step: int) -> bool:
+        return all(
+            os.path.exists(os.path.join(self._step_dir(step), item, COMMIT_MARKER))
+            for item in ("", "state", "meta")
         )
 
-    def _try_restore(self, step: int, abstract_state: Any, config_identity: dict) -> tuple:
-        step_dir = os.path.join(self.directory, str(step))
-        for item in ("", "state", "meta"):
-            if not os.path.exists(os.path.join(step_dir, item, COMMIT_MARKER)):
-                return None, f"no Orbax commit marker in {os.path.join(str(step), item)}"
+    def _reader(self) -> ocp.CheckpointManager:
+        """The manager to read with: one this process uses alone when multi-process."""
+        if not self.read_alone:
+            return self.manager
+        if self._alone is None:
+            me = jax.process_index()
+            self._alone = self._manager([me], f"read_{me}")
+        self._alone.reload()
+        return self._alone
+
+    def _read_meta(self, step: int) -> tuple[dict, str | None]:
         try:
-            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-            meta = dict(meta["meta"])
+            args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+            return dict(self._reader().restore(step, args=args)["meta"]), None
         except Exception as e:  # noqa: BLE001 -- a broken checkpoint is expected here
-            return None, f"unreadable meta: {str(e)[:200]}"
-        _check_compatible(meta, abstract_state, config_identity, step)
-        try:
+            return {}, f"unreadable meta: {str(e)[:200]}"
+
+    def _read_state(self, step: int, abstract_state: Any) -> Any:
+        if not self.read_alone:
             args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-            state = self.manager.restore(step, args=args)["state"]
-        except Exception as e:  # noqa: BLE001
-            return None, f"unreadable state: {str(e)[:200]}"
-        got = fingerprint_hex(state)
-        if got != meta.get("fingerprint"):
-            return None, f"checksum mismatch (saved {meta.get('fingerprint')}, restored {got})"
-        return (state, meta), None
+            return self.manager.restore(step, args=args)["state"]
+        # Read as host arrays, then laid on this process's devices of the (multi-process)
+        # replicated sharding: nothing moves between processes.
+        host = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract_state)
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(host))
+        restored = self._reader().restore(step, args=args)["state"]
+        return jax.tree.map(place_replicated, restored, abstract_state)
 
-    def set_aside(self, step: int, reason: str) -> str:
-        """Moves a bad step out of the checkpoint folder (kept for inspection)."""
-        aside = os.path.join(self.workdir, SET_ASIDE_DIR)
-        os.makedirs(aside, exist_ok=True)
-        target = os.path.join(aside, f"{step}-{int(time.time() * 1000)}")
-        os.replace(os.path.join(self.directory, str(step)), target)
-        self._on_event("checkpoint_set_aside", step, reason=reason, moved_to=target)
+    def _forget(self, step: int) -> None:
         self.manager.reload()
-        return target
-
-    def move_all_aside(self, reason: str) -> None:
-        """Sets every step aside (a run told not to resume keeps the old ones)."""
-        for step in self.steps():
-            self.set_aside(step, reason)
 
     def close(self) -> None:
-        self.wait()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
+            if self._alone is not None:
+                self._alone.close()
 
 
 def _local_copy(x: Any) -> Any:
@@ -266,20 +464,40 @@ def _local_copy(x: Any) -> Any:
     return np.asarray(x.addressable_shards[0].data) if isinstance(x, jax.Array) else x
 
 
-def _check_compatible(meta: dict, abstract_state: Any, config_identity: dict, step: int) -> None:
-    saved = meta.get("config", {})
-    for key in sorted(set(saved) | set(config_identity)):
-        if saved.get(key) != config_identity.get(key):
+def place_replicated(host: np.ndarray, abstract: jax.ShapeDtypeStruct) -> jax.Array:
+    """A host array laid on this process's devices of `abstract`'s replicated sharding."""
+    return jax.make_array_from_callback(
+        abstract.shape, abstract.sharding, lambda index: np.asarray(host)[index]
+    )
+
+
+def _write_atomically(path: str, obj: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def _check_compatible(meta: dict, abstract_state: Any, problem: dict, step: int) -> None:
+    saved = {**meta.get("config", {}), **_prefixed("data", meta.get("data", {}))}
+    want = {**problem.get("config", {}), **_prefixed("data", problem.get("data", {}))}
+    for key in sorted(set(saved) | set(want)):
+        if saved.get(key) != want.get(key):
+            what = f"the training data ({key[5:]})" if key.startswith("data:") else f"config.{key}"
             raise CheckpointError(
-                f"checkpoint step {step} was written with config.{key}={saved.get(key)!r}, "
-                f"this run has config.{key}={config_identity.get(key)!r}; use another "
-                f"--workdir or --config.checkpoint.resume=false"
+                f"checkpoint step {step} was written for {what}={saved.get(key)!r}, this run "
+                f"has {want.get(key)!r}; use another --workdir or "
+                "--config.checkpoint.resume=false"
             )
-    want = leaf_shapes(abstract_state)
+    want_shapes = leaf_shapes(abstract_state)
     got = meta.get("shapes", {})
-    for path in sorted(set(want) | set(got)):
-        if want.get(path) != got.get(path):
+    for path in sorted(set(want_shapes) | set(got)):
+        if want_shapes.get(path) != got.get(path):
             raise CheckpointError(
                 f"checkpoint step {step}: state{path} has shape {got.get(path)}, "
-                f"this config needs {want.get(path)}"
+                f"this config needs {want_shapes.get(path)}"
             )
+
+
+def _prefixed(prefix: str, d: dict) -> dict:
+    return {f"{prefix}:{k}": v for k, v in d.items()}

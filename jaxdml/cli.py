@@ -10,7 +10,7 @@ from typing import Any, NoReturn
 from absl import app, flags, logging
 
 from jaxdml.config import ConfigError
-from jaxdml.constants import EXIT_BAD_INPUT
+from jaxdml.constants import EXIT_BAD_INPUT, EXIT_INTERRUPTED
 
 
 def _fail(message: str) -> NoReturn:
@@ -19,18 +19,38 @@ def _fail(message: str) -> NoReturn:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing that turns a bad flag or config override into exit status 2."""
+    """absl flag parsing where a bad flag, config file or override is exit status 2.
+
+    A config file is Python: one that is missing, does not parse or raises while building
+    its ConfigDict is bad input like an unknown flag, so any error here is one line.
+    """
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
         _fail(str(e))
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
-        # ml_collections raises these for unknown fields or mistyped overrides.
+    except (AttributeError, KeyError) as e:
+        # ml_collections raises these for an override of a field that does not exist.
+        _fail(f"unknown config field in an override: {e}")
+    except (TypeError, ValueError) as e:
         _fail(f"bad config override: {e}")
+    except Exception as e:  # noqa: BLE001 -- the config file's own code failed: bad input
+        _fail(f"cannot load the config: {type(e).__name__}: {e}")
+
+
+def config_value(holder) -> Any:
+    """The ConfigDict of a `config_flags.DEFINE_config_file` flag; a config file that could
+    not be loaded (ml_collections defers that error to the first use) is exit status 2."""
+    try:
+        config = holder.value
+        config.keys()
+    except OSError as e:
+        _fail("cannot load the config: " + " ".join(str(e).split()))
+    return config
 
 
 def run(main: Callable[[list[str]], None]) -> None:
-    """`app.run(main)` where a ConfigError (bad config or data) is a one-line error, exit 2."""
+    """`app.run(main)` where a ConfigError (bad config or data) is a one-line error, exit 2,
+    and a Ctrl-C outside training (which saves and exits 130 itself) is a quiet exit 130."""
 
     def guarded(argv: list[str]) -> None:
         quiet_library_logs()
@@ -38,15 +58,21 @@ def run(main: Callable[[list[str]], None]) -> None:
             main(argv)
         except ConfigError as e:
             _fail(str(e))
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(EXIT_INTERRUPTED)
 
     app.run(guarded, flags_parser=parse_flags)
 
 
 class _QuietLibraries:
-    """Drops INFO/DEBUG records from Orbax: it logs every save in detail."""
+    """Drops INFO/DEBUG records from Orbax (it logs every save in detail), and its warning
+    that a process-local memory-tier save has no other processes' parts to merge."""
 
     def filter(self, record) -> bool:
-        return record.levelno >= 30 or "orbax" not in record.pathname
+        if "orbax" not in record.pathname:
+            return True
+        return record.levelno >= 30 and "Skipping merge of OCDBT" not in record.getMessage()
 
 
 def quiet_library_logs() -> None:

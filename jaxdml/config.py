@@ -85,6 +85,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.checkpoint.keep_period = 0  # also keep every N-th step forever (0: off)
     c.checkpoint.async_save = True  # save in the background
     c.checkpoint.resume = "auto"  # auto | false | auto_or_scratch
+    # The memory tier: each process also keeps its state in fast local storage, for warm
+    # restarts that redo few steps; a restart takes its newest valid state before the
+    # persistent tier's (docs/architecture.md, "Checkpoint tiers").
+    c.checkpoint.local_every_secs = 5.0  # memory-tier save every t seconds (0: off)
+    c.checkpoint.local_every_steps = 0  # also every k steps (0: by time only)
+    c.checkpoint.local_max_to_keep = 2  # newest memory-tier checkpoints kept
+    c.checkpoint.local_dir = ""  # '': /dev/shm/jaxdml-<user>/<hash of workdir>, else workdir/local
 
     c.faults = ""  # injected fault plan, e.g. "device_loss@120:3,nan@50" (tests, demos, chaos)
 
@@ -97,7 +104,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.supervisor.nan_window = 10  # steps in that window
     c.supervisor.spike_zscore = 0.0  # loss spike threshold in rolling z-score (0: off)
     c.supervisor.fingerprint_every = 0  # compare replica fingerprints every k steps (0: off)
-    c.supervisor.watchdog_secs = 0.0  # declare a hang after t seconds without progress (0: off)
+    c.supervisor.watchdog_secs = 120.0  # hang: no progress for max(this, factor x median step) s
+    c.supervisor.watchdog_step_factor = 50.0  # ... with factor this (0: a fixed watchdog_secs)
 
     # Multi-process (jaxdml/distributed.py). Unset fields fall back to the JAXDML_* environment
     # that jaxdml.launch sets; one process and no auto_detect means a plain single-process run.
@@ -110,6 +118,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.distributed.initialization_timeout_secs = 120  # wait this long for every process to join
     c.distributed.shutdown_timeout_secs = 60  # at exit, wait this long for the others to finish
     c.distributed.cpu_collectives = "gloo"  # CPU cross-process collectives: gloo | mpi
+    # CPU (gloo): a collective waiting this long for a peer fails instead of blocking forever
+    # (XLA's --xla_cpu_collective_timeout_seconds; 0: never). Below the slowest peer's
+    # lag it is a false alarm that restarts the group; compilation is done before it counts.
+    c.distributed.collective_timeout_secs = 10
+    c.distributed.steps_per_transaction = 1  # steps per live_devices transaction (lost on a loss)
     return c
 
 
@@ -159,6 +172,10 @@ def _labels(v: Any) -> str | None:
     if not (ints or strs) or len(set(values)) != len(values):
         return f"must be distinct integers or distinct strings, got {v!r}"
     return None
+
+
+def _string(v: Any) -> str | None:
+    return None if isinstance(v, str) else f"must be a string, got {v!r}"
 
 
 def _host_port(v: Any) -> str | None:
@@ -215,6 +232,10 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "checkpoint.keep_period": _int_at_least(0),
     "checkpoint.async_save": _bool,
     "checkpoint.resume": _one_of(RESUME_MODES),
+    "checkpoint.local_every_secs": _float_at_least(0.0),
+    "checkpoint.local_every_steps": _int_at_least(0),
+    "checkpoint.local_max_to_keep": _int_at_least(1),
+    "checkpoint.local_dir": _string,
     "supervisor.enabled": _bool,
     "supervisor.min_devices": _int_at_least(1),
     "supervisor.max_recoveries": _int_at_least(0),
@@ -224,6 +245,7 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "supervisor.spike_zscore": _float_at_least(0.0),
     "supervisor.fingerprint_every": _int_at_least(0),
     "supervisor.watchdog_secs": _float_at_least(0.0),
+    "supervisor.watchdog_step_factor": _float_at_least(0.0),
     "distributed.auto_detect": _bool,
     "distributed.coordinator_address": _host_port,
     "distributed.num_processes": _int_at_least(0),
@@ -232,6 +254,8 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "distributed.initialization_timeout_secs": _int_at_least(1),
     "distributed.shutdown_timeout_secs": _int_at_least(1),
     "distributed.cpu_collectives": _one_of(CPU_COLLECTIVES),
+    "distributed.collective_timeout_secs": _int_at_least(0),
+    "distributed.steps_per_transaction": _int_at_least(1),
 }
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import os
 from collections.abc import Mapping
 
@@ -130,6 +131,7 @@ def initialize(config: ml_collections.ConfigDict) -> bool:
     jax.config.update("jax_cpu_collectives_implementation", d.cpu_collectives)
     if config.supervisor.enabled:
         jax.config.update("jax_enable_recoverability", True)
+    set_collective_timeout(d.collective_timeout_secs)
     logging.info(
         "jax.distributed: coordinator=%s process %s of %s%s",
         settings.coordinator_address or "auto",
@@ -156,6 +158,27 @@ def initialize(config: ml_collections.ConfigDict) -> bool:
     return True
 
 
+COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_timeout_seconds"
+
+
+def set_collective_timeout(seconds: int, env: dict | None = None) -> None:
+    """Makes a CPU collective that waits `seconds` for a peer fail instead of blocking.
+
+    Measured on CPU/gloo in recoverable mode: a collective whose peer died blocks forever
+    without it; with it, the survivors' collective fails and live_devices reports the
+    loss. XLA reads the flag when the backend starts, so this must run before any JAX
+    computation; a flag the user already put in XLA_FLAGS is left as it is. The timeout
+    also ends the gloo connections of a collective that was merely slow (the peers must
+    then restart), so it must exceed any lag between processes; the trainer compiles the
+    step before the first collective so that compilation never counts.
+    """
+    env = os.environ if env is None else env
+    flags_now = env.get("XLA_FLAGS", "")
+    if seconds <= 0 or COLLECTIVE_TIMEOUT_FLAG in flags_now:
+        return
+    env["XLA_FLAGS"] = f"{flags_now} {COLLECTIVE_TIMEOUT_FLAG}={int(seconds)}".strip()
+
+
 def default_devices(config: ml_collections.ConfigDict) -> list[jax.Device]:
     """The devices a run trains on: every device of the job when multi-process,
     else `config.num_cpu_devices` (or JAXDML_NUM_CPU_DEVICES) local ones."""
@@ -177,7 +200,7 @@ def is_coordinator() -> bool:
 _barrier_ids = itertools.count()
 
 
-def _client():
+def client():
     """The coordination-service client. jax has no public accessor for it; its own
     multihost_utils.live_devices reads it the same way."""
     from jax._src.distributed import global_state
@@ -193,7 +216,24 @@ def barrier(name: str, timeout_secs: float, process_ids: list[int] | None = None
     """
     if jax.distributed.is_initialized():
         barrier_id = f"jaxdml_{name}_{next(_barrier_ids)}"
-        _client().wait_at_barrier(barrier_id, int(timeout_secs * 1000), process_ids)
+        client().wait_at_barrier(barrier_id, int(timeout_secs * 1000), process_ids)
+
+
+def exchange(name: str, value: object, timeout_secs: float, process_ids: list[int]) -> dict:
+    """Every process in `process_ids` shares a small JSON value; returns {process: value}.
+
+    Through the coordination service's key-value store (no device collective): a peer
+    that never answers is an error after `timeout_secs`. `name` must be new for each
+    exchange in a job (the keys stay for the job's life).
+    """
+    kv = client()
+    me = process_index()
+    kv.key_value_set(f"jaxdml/exchange/{name}/{me}", json.dumps(value))
+    out = {}
+    for pid in process_ids:
+        raw = kv.blocking_key_value_get(f"jaxdml/exchange/{name}/{pid}", int(timeout_secs * 1000))
+        out[pid] = json.loads(raw)
+    return out
 
 
 def shutdown(timeout_secs: float, process_ids: list[int] | None = None) -> None:
@@ -211,8 +251,14 @@ def shutdown(timeout_secs: float, process_ids: list[int] | None = None) -> None:
     """
     if not jax.distributed.is_initialized():
         return
+    if not jax.config.jax_enable_recoverability:
+        # JAX's own shutdown barrier holds the processes together; get_live_nodes below
+        # would wait for peers that are already in it (measured: both aborted after the
+        # shutdown timeout, exit 134).
+        jax.distributed.shutdown()
+        return
     ids = list(range(jax.process_count())) if process_ids is None else sorted(process_ids)
     barrier("finish", timeout_secs, ids)
     if is_coordinator():
-        _client().get_live_nodes(ids)
+        client().get_live_nodes(ids)
     jax.distributed.shutdown()

@@ -14,12 +14,13 @@ prefixed with `[pI]`, and watches them:
   after --failure_grace_secs) and the whole group is started again, up to
   --max_restarts times with exponential backoff. Status 2 (bad input) is never
   restarted: the same input fails the same way.
-- a non-coordinator is killed by a signal (a lost host): with --hot_recovery the
-  survivors decide (they recover in-process, or exit with a failure status, which
-  restarts the group); without it, it is a failure like any other. (Measured: in
-  recoverable mode a survivor that does not call live_devices waits in its next
-  collective forever, and JAX's preemption notifier swallows SIGTERM, so only the
-  SIGKILL after --failure_grace_secs stops it.)
+- a non-coordinator dies (killed by a signal, or exits with a failure status other than
+  2): with --hot_recovery the survivors go on in-process (or exit with a failure
+  status themselves, which restarts the group); without it, it is a failure like any
+  other. A process of this CPU backend cannot rejoin a running group, so the group
+  grows back to full size by a planned restart --grow_back_secs after the loss: the
+  survivors are told to stop (SIGTERM: they agree on a step, save it in both tiers and
+  exit 0) and every process starts again, resuming from the memory tier.
 
 Every restart is a JSON line in <workdir>/events.jsonl when the command names a
 --workdir. The launcher exits with the group's status (0 when all exited 0).
@@ -88,6 +89,12 @@ _HOT_RECOVERY = flags.DEFINE_bool(
     "The processes survive the loss of a non-coordinator in-process (live_devices): leave a "
     "process killed by a signal to them. False: any lost process restarts the group.",
 )
+_GROW_BACK = flags.DEFINE_float(
+    "grow_back_secs",
+    10.0,
+    "With --hot_recovery: seconds after a process was lost before the group is restarted at "
+    "full size (the survivors save and stop first); negative: never, finish on the survivors.",
+)
 _GRACE = flags.DEFINE_float(
     "grace_secs",
     10.0,
@@ -120,14 +127,15 @@ def classify_exit(process_id: int, returncode: int, hot_recovery: bool) -> str:
     """What one process's exit means for the group.
 
     Returns:
-      'done' (exited 0), 'lost' (with hot recovery, a non-coordinator killed by a
-      signal: the survivors recover in-process or fail themselves), or 'fail' (any
-      other exit: the group cannot go on). Without hot recovery a lost process is a
-      failure: its peers would wait for it in their next collective forever.
+      'done' (exited 0), 'lost' (with hot recovery, a non-coordinator that died: killed by
+      a signal or failed; the survivors recover in-process or fail themselves), or
+      'fail' (any other exit: the group cannot go on). Bad input (status 2) is a failure
+      everywhere: the survivors would meet the same input. Without hot recovery a lost
+      process is a failure: its peers would wait for it in their next collective.
     """
     if returncode == 0:
         return "done"
-    if hot_recovery and returncode < 0 and process_id != 0:
+    if hot_recovery and process_id != 0 and signal_status(returncode) not in NO_RESTART_EXIT_CODES:
         return "lost"
     return "fail"
 
@@ -325,14 +333,23 @@ def _on_stop_signal(signum: int, frame) -> None:
     _stop_signal.append(signum)
 
 
-def run_group(group: Group, grace: float, failure_grace: float) -> tuple[int, Child | None]:
+GROW_BACK = -1  # run_group's status for a planned restart at full size
+
+
+def run_group(
+    group: Group, grace: float, failure_grace: float, grow_back_secs: float = -1.0, events=None
+) -> tuple[int, Child | None]:
     """Watches `group` until all exited, one failed, or the launcher was told to stop;
-    in the last two cases stops the rest.
+    in the last two cases stops the rest. `grow_back_secs` (>= 0) after a process was
+    lost, the survivors are asked to stop (SIGTERM: save and exit 0) and the status is
+    GROW_BACK: the caller restarts the whole group.
 
     Returns:
       (the group's exit status, the child that failed it or None); status is
       128 + signal when the launcher was stopped.
     """
+    lost_at: float | None = None
+    asked_at: float | None = None
     while group.running():
         if _stop_signal:
             logging.warning("[launch] got signal %d; stopping the group", _stop_signal[0])
@@ -346,8 +363,31 @@ def run_group(group: Group, grace: float, failure_grace: float) -> tuple[int, Ch
             logging.warning("[launch] %s failed (status %d); stopping the group", who, status)
             group.stop(failure_grace)
             return status, failed
+        now = time.monotonic()
+        if lost_at is None and any(c.outcome == "lost" for c in group.children):
+            lost_at = now
+            _record_lost(group, events)
+        if asked_at is None and lost_at is not None and 0 <= grow_back_secs <= now - lost_at:
+            logging.info("[launch] growing back: the survivors save and stop, then all restart")
+            asked_at = now
+            for child in group.running():
+                child.signal_group(signal.SIGTERM)
+        if asked_at is not None and now - asked_at > grace:
+            group.stop(0.0)  # a survivor that did not stop in time: its tiers still hold state
     group.close()
-    return EXIT_OK, None
+    return (GROW_BACK if asked_at is not None else EXIT_OK), None
+
+
+def _record_lost(group: Group, events: str | None) -> None:
+    for child in group.children:
+        if child.outcome == "lost":
+            _record(
+                events,
+                kind="process_lost",
+                action="the survivors go on in-process",
+                process=child.process_id,
+                exit_code=signal_status(child.proc.returncode),
+            )
 
 
 def _sleep_unless_stopped(secs: float) -> None:
@@ -389,7 +429,13 @@ def launch(command: Sequence[str]) -> int:
             group.pids(),
             group.port,
         )
-        status, failed = run_group(group, _GRACE.value, _FAILURE_GRACE.value)
+        grow_back = _GROW_BACK.value if _HOT_RECOVERY.value else -1.0
+        status, failed = run_group(group, _GRACE.value, _FAILURE_GRACE.value, grow_back, events)
+        if status == GROW_BACK:
+            if _stop_signal:
+                return 128 + _stop_signal[0]
+            _record(events, kind="grow_back", action="restart at full size", num_processes=n)
+            continue
         if status == EXIT_OK:
             logging.info("[launch] all processes exited 0 after %.1f s", time.monotonic() - started)
             return EXIT_OK

@@ -86,7 +86,7 @@ class MetricsWriter(JsonlWriter):
         if self._tb is not None:
             step = int(row["step"])
             for k, v in row.items():
-                if k != "step" and isinstance(v, int | float | np.number):
+                if k not in ("step", "time") and isinstance(v, int | float | np.number):
                     self._tb.add_scalar(k, float(v), step)
 
     def close(self) -> None:

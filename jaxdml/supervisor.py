@@ -4,7 +4,8 @@
   device lost        step's runtime error  reform(survivors): state from a live replica
   host lost          live_devices          reform(survivors) among the surviving processes
   NaN/Inf, spike     step guard / z-score  update skipped; repeated: rollback(batches set aside)
-  silent corruption  replica fingerprints  restore(last agreed state) on the agreeing devices
+  silent corruption  replica fingerprints  reform(agreeing devices) + rollback (the newest
+                     (checks, every save)  sealed checkpoint: its replicas agreed)
   hang               step watchdog         record, exit EXIT_HANG; the rerun resumes
   too few devices,   here                  reform + checkpoint_now, then GaveUp (report.json,
   budget spent                             EXIT_GAVE_UP)
@@ -18,7 +19,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import jax
 import ml_collections
@@ -28,8 +29,7 @@ from jaxdml import liveness
 from jaxdml.constants import EXIT_HANG
 from jaxdml.faults import detect
 from jaxdml.faults.errors import DeviceLost, GaveUp, RollbackNeeded, SilentCorruption
-from jaxdml.training.hooks import Hook, Periodic
-from jaxdml.training.state import to_host
+from jaxdml.training.hooks import Hook
 
 
 class Recoverable(Protocol):
@@ -48,9 +48,6 @@ class Recoverable(Protocol):
 
     def rollback(self, set_aside_batches: Sequence[int] = ()) -> int:
         """The newest valid checkpoint; those steps' batches are skipped when rerun."""
-
-    def restore(self, step: int, host_state: Any, devices: Sequence[jax.Device]) -> None:
-        """A host copy of the state of `step` on a mesh over `devices`."""
 
     def checkpoint_now(self) -> int:
         """A synchronous checkpoint of the current state."""
@@ -82,31 +79,13 @@ class Supervisor:
             self.cfg.nan_max_skips, self.cfg.nan_window, self.cfg.spike_zscore
         )
         self.recoveries = 0  # made so far, against cfg.max_recoveries
-        self.snapshot: tuple[int, Any] | None = None  # (step, host state) all replicas agreed on
 
     # ------------------------------------------------------------------ detection
 
     def hooks(self, target: Recoverable) -> list[Hook]:
-        """The detectors that run in the loop: the anomaly guard, the replica check."""
-        hooks: list[Hook] = [_Guard(self.guard, target)]
-        if self.cfg.fingerprint_every:
-            hooks.append(Periodic(self._check_replicas, every_steps=self.cfg.fingerprint_every))
-        return hooks
-
-    @staticmethod
-    def transaction(target: Recoverable) -> Callable | None:
-        """Multi-host: each step as a live_devices transaction over the mesh (None: plain)."""
-        if not liveness.multi_process():
-            return None
-        return lambda: liveness.live_step(target.devices)
-
-    def _check_replicas(self, step: int, state) -> None:
-        mesh = jax.tree.leaves(state.params)[0].sharding.mesh
-        ids = [int(d.id) for d in mesh.devices.flat]
-        good, odd = detect.majority(detect.replica_fingerprints(state.params, mesh), ids)
-        if odd:
-            raise SilentCorruption(step, odd, good)
-        self.snapshot = (step, to_host(state))
+        """The detectors that run in the loop and belong to the supervisor: the anomaly
+        guard. (Replica checks run with the checkpoint tiers: every save is verified.)"""
+        return [_Guard(self.guard, target)]
 
     def on_hang(self, idle: float, target: Recoverable) -> None:
         """Watchdog thread: record the hang and exit; the restart resumes from a checkpoint."""
@@ -160,6 +139,13 @@ class Supervisor:
             known = set(error.devices) if isinstance(error, DeviceLost) else set()
             healthy = [d for d in old if int(d.id) not in known and liveness.answers(d)]
         lost = sorted(int(d.id) for d in old if d not in healthy)
+        if not lost and kind == detect.HOST_LOSS:
+            # Every device of the mesh is live: an error left over from before an earlier
+            # loss (a collective that still had the dead peer). Go on from the newest
+            # finished step on the same mesh; the budget bounds how often.
+            step = target.reform(old)
+            action = f"no device lost; the same mesh goes on from step {step}"
+            return {"step": step, "devices": [], "action": action, "steps_redone": 0}
         if not lost:
             raise error  # nothing to exclude: retrying the same mesh would fail the same way
         if len(healthy) < self.cfg.min_devices:
@@ -186,21 +172,23 @@ class Supervisor:
         }
 
     def _exclude_and_replay(self, error: SilentCorruption, target: Recoverable) -> dict:
-        """SDC: every update since the flip is polluted; go back to the last agreed state."""
+        """SDC: every update since the flip is polluted. The agreeing devices go on from the
+        newest sealed checkpoint, whose replicas agreed when it was written."""
         keep = [d for d in target.devices if int(d.id) in error.good]
-        if len(keep) < self.cfg.min_devices or self.snapshot is None:
-            self._give_up(f"replicas disagree at step {error.step} and no trusted state", target)
-        to, host_state = self.snapshot
-        target.restore(to, host_state, keep)
+        if len(keep) < self.cfg.min_devices:
+            self._give_up(f"replicas disagree at step {error.step}: too few agree", target)
+        reached = max(target.finished_step, error.step)  # the checked step did finish
+        target.reform(keep)
+        to = target.rollback()
         action = (
             f"excluded devices {error.odd}; mesh on {len(keep)} devices; replay from the "
-            f"agreed state of step {to}"
+            f"newest verified checkpoint, step {to}"
         )
         return {
             "step": error.step,
             "devices": error.odd,
             "action": action,
-            "steps_redone": error.step - to,
+            "steps_redone": max(0, reached - to),
             "restored_step": to,
         }
 

@@ -50,7 +50,7 @@ def test_the_supervisor_creates_its_attributes_in_init_only():
     created_in_init = assigned.pop("__init__")
     later = set().union(*assigned.values())
     assert later <= created_in_init, later - created_in_init
-    assert {"recoveries", "snapshot"} <= later  # the check sees assignments in methods
+    assert "recoveries" in later  # the check sees assignments in methods
 
 
 def test_the_supervisor_uses_only_the_recovery_interface():

@@ -171,7 +171,8 @@ def test_lost_process_restarts_the_group_unless_hot_recovery_is_on(start):
 
 def test_exit_policy():
     assert launch.classify_exit(1, 0, hot_recovery=False) == "done"
-    assert launch.classify_exit(1, 3, hot_recovery=True) == "fail"
+    assert launch.classify_exit(1, 3, hot_recovery=True) == "lost"  # the survivors go on
+    assert launch.classify_exit(1, 2, hot_recovery=True) == "fail"  # bad input: for all
     assert launch.classify_exit(1, -9, hot_recovery=True) == "lost"
     assert launch.classify_exit(1, -9, hot_recovery=False) == "fail"
     assert launch.classify_exit(0, -9, hot_recovery=True) == "fail"  # the coordinator

@@ -47,46 +47,49 @@ def fingerprint(tree: Any) -> jax.Array:
 
 def fingerprint_hex(tree: Any) -> str:
     """`fingerprint` as a 16-digit hex string (computed where the tree's arrays live)."""
-    value = np.asarray(jax.device_get(jax.jit(fingerprint)(tree)))
-    return f"{int(value[0]):08x}{int(value[1]):08x}"
+    return hex_of(jax.device_get(_fingerprint_jit(tree)))
 
 
-class PreemptionWatcher:
-    """SIGTERM (single process) or JAX's preemption sync point (multi-host) -> stop now.
+_fingerprint_jit = jax.jit(fingerprint)
 
-    Use as a context manager around the loop; `reached(step)` is True once a
-    preemption notice arrived (every process agrees on the step when multi-host).
+
+class StopSignals:
+    """SIGTERM (a preemption notice) and SIGINT (Ctrl-C) -> finish the step, save, exit.
+
+    A context manager around training: while inside, the two signals only set a flag
+    (no KeyboardInterrupt in the middle of a collective or a save); `requested` is the
+    signal's name, `signum` its number. Every process of a multi-host job installs it
+    (Python's handler replaces the one JAX's preemption notifier installs); the processes
+    agree on the step to stop at through jaxdml.liveness.Agreement.
     """
 
     def __init__(self):
-        self._flag = False
-        self._previous = None
+        self.signum: int | None = None
+        self._previous: dict = {}
 
-    def __enter__(self) -> PreemptionWatcher:
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def __enter__(self) -> StopSignals:
         import signal
         import threading
 
-        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._on_signal)
         return self
 
     def __exit__(self, *exc) -> None:
         import signal
 
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
 
-    def _on_sigterm(self, signum, frame) -> None:
-        del signum, frame
-        self._flag = True
-
-    def reached(self, step: int) -> bool:
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            return bool(multihost_utils.reached_preemption_sync_point(step))
-        return self._flag
+    def _on_signal(self, signum, frame) -> None:
+        del frame
+        self.signum = self.signum or signum
 
 
 # ----------------------------------------------------------------- failure kinds
@@ -121,14 +124,17 @@ def classify(error: BaseException) -> str:
 # ------------------------------------------------------------ replica agreement
 
 
-def replica_fingerprints(tree: Any, mesh) -> np.ndarray:
-    """Each device's fingerprint of its own copy of a replicated pytree: uint32[D, 2].
+def replica_fingerprints(tree: Any, mesh) -> jax.Array:
+    """Each device's fingerprint of its own copy of a replicated pytree: uint32[D, 2], in
+    mesh order, dispatched without waiting (read it when `is_ready()` to stay off the
+    critical path).
 
     Under shard_map every device hashes its local buffer, so a replica that differs
-    (a flipped bit, silent data corruption) gets a different row.
+    (a flipped bit, silent data corruption) gets a different row. The rows are gathered
+    with an exact integer psum of one-hot rows, so the result is replicated: every
+    process of a multi-host job can read all of them.
     """
-    fn = _replica_fingerprint_fn(mesh)
-    return np.asarray(jax.device_get(fn(tree))).reshape(-1, 2)
+    return _replica_fingerprint_fn(mesh)(tree)
 
 
 @functools.lru_cache(maxsize=16)
@@ -138,19 +144,28 @@ def _replica_fingerprint_fn(mesh):
     from jax.sharding import PartitionSpec as P
 
     axis = mesh.axis_names[0]
+    num = mesh.devices.size
 
     def local(t):
-        return fingerprint(jax.lax.pcast(t, axis, to="varying"))[None]
+        fp = fingerprint(jax.lax.pcast(t, axis, to="varying"))
+        mine = (jnp.arange(num) == jax.lax.axis_index(axis))[:, None]
+        return jax.lax.psum(jnp.where(mine, fp[None, :], jnp.uint32(0)), axis)
 
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P(), out_specs=P(axis)))
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P(), out_specs=P()))
 
 
-def majority(fingerprints: np.ndarray, device_ids: list[int]) -> tuple[list[int], list[int]]:
+def hex_of(fingerprint_row) -> str:
+    """A uint32[2] fingerprint as the 16-digit hex string checkpoints record."""
+    a, b = (int(v) for v in np.asarray(fingerprint_row).reshape(-1)[:2])
+    return f"{a:08x}{b:08x}"
+
+
+def majority(fingerprints, device_ids: list[int]) -> tuple[list[int], list[int]]:
     """Splits devices into (agreeing majority, odd ones out) by fingerprint.
 
     With no strict majority, every device is 'odd' and none can be trusted.
     """
-    rows = [tuple(int(v) for v in r) for r in fingerprints]
+    rows = [tuple(int(v) for v in r) for r in rows_of(fingerprints)]
     counts: dict[tuple, int] = {}
     for r in rows:
         counts[r] = counts.get(r, 0) + 1
@@ -160,6 +175,13 @@ def majority(fingerprints: np.ndarray, device_ids: list[int]) -> tuple[list[int]
     good = [d for d, r in zip(device_ids, rows, strict=True) if r == best]
     odd = [d for d, r in zip(device_ids, rows, strict=True) if r != best]
     return good, odd
+
+
+def rows_of(fingerprints) -> np.ndarray:
+    """Host rows of replica fingerprints (a replicated jax.Array reads from a local copy)."""
+    if isinstance(fingerprints, jax.Array):
+        return np.asarray(fingerprints.addressable_shards[0].data).reshape(-1, 2)
+    return np.asarray(fingerprints).reshape(-1, 2)
 
 
 # ------------------------------------------------------------ numerical guards
@@ -209,29 +231,69 @@ class AnomalyGuard:
 
 
 class Watchdog:
-    """Calls `on_hang(seconds_since_progress)` once if `pet()` is not called for `timeout`
-    seconds. A hung XLA computation cannot be cancelled in-process; `on_hang` is
-    expected to record the hang and exit, so that a restart resumes from a checkpoint.
+    """Calls `on_hang(seconds_since_progress)` once when `pet()` has not been called for
+    longer than the deadline. A hung XLA computation cannot be cancelled in-process;
+    `on_hang` records the hang and exits, so that a restart resumes from a checkpoint.
+
+    The deadline adapts: max(`floor`, `factor` x the median interval between the last
+    pets), so slow steps (a large model, a loaded machine) are not hangs, while a small
+    model's hang is found after `floor` seconds. Work known to take long (compiling,
+    restoring, a synchronous save, waiting for peers) runs inside `allow(seconds)`.
+
+    Args:
+      floor: seconds (0: the watchdog is off).
+      on_hang: called from the watchdog thread.
+      factor: multiple of the median pet interval (0: a fixed deadline of `floor`).
+      clock: monotonic clock (injectable); poll: seconds between looks.
     """
 
-    def __init__(self, timeout: float, on_hang, clock=None, poll: float | None = None):
+    def __init__(self, floor: float, on_hang, factor: float = 0.0, clock=None, poll=None):
+        import collections
         import threading
         import time
 
-        self.timeout, self.on_hang = timeout, on_hang
+        self.floor, self.factor, self.on_hang = floor, factor, on_hang
         self.clock = clock or time.monotonic
-        self.poll = poll if poll is not None else max(0.05, min(1.0, timeout / 10))
+        self.poll = poll if poll is not None else max(0.05, min(1.0, floor / 10))
         self._last = self.clock()
+        self._intervals: collections.deque = collections.deque(maxlen=101)
+        self._allowance = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="jaxdml-watchdog", daemon=True)
         self.fired = False
 
     def pet(self) -> None:
-        self._last = self.clock()
+        now = self.clock()
+        if self._allowance == 0.0:
+            self._intervals.append(now - self._last)
+        self._last = now
+
+    def deadline(self) -> float:
+        """Seconds without a pet that count as a hang now."""
+        base = self.floor
+        if self.factor and len(self._intervals) >= 5:
+            base = max(base, self.factor * float(np.median(self._intervals)))
+        return max(base, self._allowance)
+
+    def allow(self, seconds: float):
+        """A context in which the deadline is at least `seconds` (measured from entry)."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def allowed():
+            previous, self._allowance = self._allowance, max(self._allowance, seconds)
+            self._last = self.clock()
+            try:
+                yield
+            finally:
+                self._allowance = previous
+                self._last = self.clock()
+
+        return allowed()
 
     def __enter__(self) -> Watchdog:
-        if self.timeout > 0:
-            self.pet()
+        if self.floor > 0:
+            self._last = self.clock()
             self._thread.start()
         return self
 
@@ -241,7 +303,7 @@ class Watchdog:
     def _watch(self) -> None:
         while not self._stop.wait(self.poll):
             idle = self.clock() - self._last
-            if idle >= self.timeout and not self.fired:
+            if idle >= self.deadline() and not self.fired:
                 self.fired = True
                 self.on_hang(idle)
                 return

@@ -94,6 +94,26 @@ def parse(plan: str) -> list[Fault]:
     return sorted(faults, key=lambda f: (f.start, f.kind))
 
 
+def check_targets(faults: list[Fault], num_devices: int, num_processes: int) -> None:
+    """Every device (and, for host_loss, process) a plan names exists in this job.
+
+    Raises:
+      FaultPlanError: naming the entry and what the job has.
+    """
+    for f in faults:
+        if f.kind == "host_loss":
+            bad = [p for p in f.devices if p >= num_processes]
+            if bad:
+                raise FaultPlanError(
+                    f"{f.spec}: process {bad[0]} does not exist (the job has {num_processes})"
+                )
+        elif any(d >= num_devices for d in f.devices):
+            bad = next(d for d in f.devices if d >= num_devices)
+            raise FaultPlanError(
+                f"{f.spec}: device {bad} does not exist (the job has devices 0..{num_devices - 1})"
+            )
+
+
 class Injector:
     """Fires the faults of a plan at the step boundary where each would appear.
 

@@ -58,26 +58,40 @@ class Hook:
 class Periodic(Hook):
     """Runs `fn(step, state)` after every `every_steps` steps and/or `every_secs` seconds.
 
-    The first call only starts the clock: a time-based action runs `every_secs` after
-    the loop started, not at once. `clock` is injectable for tests.
+    Step schedules fire when the step count crosses a multiple of `every_steps` (a loop
+    that calls after_step once per span of several steps still fires once per multiple).
+    The first call only starts the clock: a time-based action runs `every_secs` after the
+    loop started, not at once. Multi-process, clocks differ: `agree(due)` turns this
+    process's "time is up" into the decision every process takes at the same step
+    (jaxdml.liveness.Agreement); the default takes it as it is. `clock` is injectable.
     """
 
     fn: Callable[[int, TrainState], None]
     every_steps: int = 0
     every_secs: float = 0.0
     clock: Callable[[], float] = time.monotonic
+    agree: Callable[[bool], bool] | None = None
     _last_time: float | None = None
+    _last_step: int | None = None
 
     def after_step(self, info: StepInfo) -> bool:
         now = self.clock()
         if self._last_time is None:
             self._last_time = now
-        due_steps = self.every_steps > 0 and info.step % self.every_steps == 0
+        due_steps = self.every_steps > 0 and self._crossed(info.step)
         due_secs = self.every_secs > 0 and now - self._last_time >= self.every_secs
+        if self.agree is not None and self.every_secs > 0:
+            due_secs = self.agree(due_secs)
+        self._last_step = info.step
         if due_steps or due_secs:
             self._last_time = now
             self.fn(info.step, info.state)
         return False
+
+    def _crossed(self, step: int) -> bool:
+        if self._last_step is None or step <= self._last_step:
+            return step % self.every_steps == 0
+        return step // self.every_steps > self._last_step // self.every_steps
 
 
 @dataclasses.dataclass

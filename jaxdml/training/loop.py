@@ -1,4 +1,5 @@
-"""The one training loop: bounded dispatch depth, hooks, metrics fetched in bulk."""
+"""The one training loop: bounded dispatch depth, hooks, metrics fetched in bulk, and
+(multi-host) spans of steps that commit or fail on every process together."""
 
 from __future__ import annotations
 
@@ -16,7 +17,10 @@ from jaxdml.training.hooks import Hook, StepInfo
 from jaxdml.training.state import TrainState, to_host
 from jaxdml.training.step_common import StepFn
 
-Transaction = Callable[[], contextlib.AbstractContextManager]
+# transaction(end_step) -> a context manager around one span: the span's steps are
+# dispatched and finished inside it, and it either completes on every process or raises
+# on every process (jax's live_devices).
+Transaction = Callable[[int], contextlib.AbstractContextManager]
 
 
 class Loop:
@@ -27,8 +31,13 @@ class Loop:
     deadlocks XLA's CPU rendezvous). Waiting reads nothing back: the metrics of
     finished steps stay on the device and are fetched in one transfer every
     `fetch_every` finished steps (and when the loop ends or fails), then handed to the
-    hooks' `on_metrics`. `last_good` is the newest (step, state) whose step finished
-    without error: recovery starts from it.
+    hooks' `on_metrics`.
+
+    With a `transaction`, steps run in spans of `span` steps, each span inside
+    `transaction(end)` and finished there; a span is committed (its rows delivered, its
+    end the newest good state, `after_step` called with it) only when the transaction
+    succeeded, so every process agrees on which steps happened. Without one, `after_step`
+    follows every step's dispatch and `last_good` is the newest finished step.
 
     Args:
       step_fn, skip_fn: the step, and the step that consumes a set-aside batch.
@@ -36,9 +45,8 @@ class Loop:
       num_steps: the loop ends when this many steps are done.
       hooks: `jaxdml.training.hooks.Hook`s, called in order.
       skip_steps: steps whose batch is set aside (`skip_fn` runs instead).
-      transaction: multi-host: each step is dispatched and finished inside
-        `transaction()` (a live_devices block: it completes or raises on every process).
-      clock: for the `seconds` of each row (injectable).
+      transaction, span: see above.
+      clock, wall: monotonic clock for the rows' `seconds`, wall clock for their `time`.
     """
 
     def __init__(
@@ -53,19 +61,23 @@ class Loop:
         skip_fn: StepFn | None = None,
         skip_steps: frozenset[int] = frozenset(),
         transaction: Transaction | None = None,
+        span: int = 1,
         clock: Callable[[], float] = time.perf_counter,
+        wall: Callable[[], float] = time.time,
     ):
         self.step_fn, self.skip_fn, self.skip_steps = step_fn, skip_fn, skip_steps
         self.batcher, self.mesh, self.num_steps = batcher, mesh, num_steps
         self.hooks = list(hooks)
-        self.transaction = transaction
-        self.dispatch_depth = 1 if transaction is not None else dispatch_depth
+        self.transaction, self.span = transaction, max(1, span)
+        self.dispatch_depth = dispatch_depth
         self.fetch_every = max(1, fetch_every)
-        self.clock = clock
+        self.clock, self.wall = clock, wall
         self.last_good: tuple[int, TrainState] | None = None
         self.seconds = 0.0  # wall time spent in run()
-        self._finished: list[tuple[int, Any, float]] = []  # (step, device metrics, seconds)
+        # (step, device metrics, seconds since the previous finish, hook seconds, wall time)
+        self._finished: list[tuple[int, Any, float, float, float]] = []
         self._last_finish = 0.0
+        self._host = 0.0  # seconds in after_step hooks since the previous finish
 
     def run(self, state: TrainState) -> TrainState:
         """Trains until `num_steps` or until a hook asks to stop; returns the state of the
@@ -73,65 +85,111 @@ class Loop:
         step = int(to_host(state.step))
         pos = to_host(state.data_pos)
         self.last_good = (step, state)
-        inflight: collections.deque = collections.deque()
         t0 = self._last_finish = self.clock()
         try:
-            while step < self.num_steps:
-                while len(inflight) >= self.dispatch_depth:
-                    self._finish(inflight.popleft())
-                try:
-                    state, metrics = self._dispatch(step, state, pos)
-                except Exception:
-                    self._salvage(inflight)
-                    raise
-                step += 1
-                pos = metrics.pop("_pos")
-                inflight.append((step, state, metrics))
-                if any([hook.after_step(StepInfo(step, state)) for hook in self.hooks]):
-                    break
-            while inflight:
-                self._finish(inflight.popleft())
+            if self.transaction is None:
+                state = self._run_plain(step, state, pos)
+            else:
+                state = self._run_spans(step, state, pos)
             self._deliver()
         finally:
             self.seconds += self.clock() - t0
         return state
 
-    def _dispatch(self, step: int, state: TrainState, pos: dict) -> tuple[TrainState, dict]:
-        """Builds the batch after `step` steps and dispatches step `step + 1` (inside the
-        transaction, if any, where it also waits for the step to finish)."""
+    # ------------------------------------------------------------------ one process
+
+    def _run_plain(self, step: int, state: TrainState, pos: dict) -> TrainState:
+        inflight: collections.deque = collections.deque()
+        while step < self.num_steps:
+            while len(inflight) >= self.dispatch_depth:
+                self._finish(*inflight.popleft())
+            try:
+                state, pos, metrics = self._dispatch(step, state, pos)
+            except Exception:
+                self._salvage(inflight)
+                raise
+            step += 1
+            inflight.append((step, state, metrics))
+            if self._after_step(step, state):
+                break
+        while inflight:
+            self._finish(*inflight.popleft())
+        return state
+
+    def _salvage(self, inflight: collections.deque) -> None:
+        """After a failed dispatch, keeps the in-flight steps that did finish."""
+        while inflight:
+            try:
+                self._finish(*inflight.popleft())
+            except Exception:  # noqa: BLE001 -- the step died with the device; not completed
+                inflight.clear()
+        with contextlib.suppress(Exception):  # rows of finished steps are kept if readable
+            self._deliver()
+
+    # ------------------------------------------------------------------ spans
+
+    def _run_spans(self, step: int, state: TrainState, pos: dict) -> TrainState:
+        while step < self.num_steps:
+            end = min(step + self.span, self.num_steps)
+            rows_before = len(self._finished)
+            try:
+                with self.transaction(end):
+                    state, pos = self._span(step, end, state, pos)
+            except Exception:
+                del self._finished[rows_before:]  # the span did not happen: rows go
+                raise
+            step = end
+            self.last_good = (step, state)
+            if len(self._finished) >= self.fetch_every:
+                self._deliver()
+            if self._after_step(step, state):
+                break
+        return state
+
+    def _span(self, step: int, end: int, state: TrainState, pos: dict):
+        """Dispatches steps step+1..end (depth-bounded) and waits for all of them."""
+        inflight: collections.deque = collections.deque()
+        while step < end:
+            while len(inflight) >= self.dispatch_depth:
+                self._finish(*inflight.popleft(), commit=False)
+            state, pos, metrics = self._dispatch(step, state, pos)
+            step += 1
+            inflight.append((step, state, metrics))
+        while inflight:
+            self._finish(*inflight.popleft(), commit=False)
+        return state, pos
+
+    # ------------------------------------------------------------------ steps
+
+    def _dispatch(self, step: int, state: TrainState, pos: dict):
+        """Builds the batch after `step` steps and dispatches step `step + 1`."""
         batch, after = self.batcher.next(pos, self.mesh)
         for hook in self.hooks:
             state, batch = hook.before_step(step, state, batch)
         fn = self.step_fn
         if step + 1 in self.skip_steps and self.skip_fn is not None:
             fn = self.skip_fn
-        if self.transaction is None:
-            state, metrics = fn(state, batch)
-        else:
-            with self.transaction():
-                state, metrics = jax.block_until_ready(fn(state, batch))
-        return state, {**metrics, "_pos": after}
+        state, metrics = fn(state, batch)
+        return state, after, metrics
 
-    def _salvage(self, inflight: collections.deque) -> None:
-        """After a failed dispatch, keeps the in-flight steps that did finish."""
-        while inflight:
-            try:
-                self._finish(inflight.popleft())
-            except Exception:  # noqa: BLE001 -- the step died with the device; not completed
-                inflight.clear()
-        with contextlib.suppress(Exception):  # rows of finished steps are kept if readable
-            self._deliver()
+    def _after_step(self, step: int, state: TrainState) -> bool:
+        """Runs every hook's after_step; True when one asks to stop. Their time is the
+        host work of the next finished step's row (`host_seconds`)."""
+        t0 = self.clock()
+        stop = any([hook.after_step(StepInfo(step, state)) for hook in self.hooks])
+        self._host += self.clock() - t0
+        return stop
 
-    def _finish(self, item: tuple[int, TrainState, dict]) -> None:
+    def _finish(self, step: int, state: TrainState, metrics: dict, commit: bool = True) -> None:
         """Waits for a step (nothing is read back) and queues its metrics."""
-        step, state, metrics = item
         jax.block_until_ready(metrics)
         now = self.clock()
-        self._finished.append((step, metrics, now - self._last_finish))
-        self._last_finish = now
-        self.last_good = (step, state)
-        if len(self._finished) >= self.fetch_every:
-            self._deliver()
+        self._finished.append((step, metrics, now - self._last_finish, self._host, self.wall()))
+        self._last_finish, self._host = now, 0.0
+        if commit:
+            self.last_good = (step, state)
+            if len(self._finished) >= self.fetch_every:
+                self._deliver()
 
     def _deliver(self) -> None:
         """Fetches the queued metrics in one transfer and hands the rows to the hooks."""
@@ -139,10 +197,11 @@ class Loop:
             return
         finished, self._finished = self._finished, []
         # to_host, not jax.device_get: it reads arrays that span several processes.
-        values = to_host([metrics for _, metrics, _ in finished])
+        values = to_host([item[1] for item in finished])
         rows = [
-            {"step": step, **{k: v.item() for k, v in host.items()}, "seconds": seconds}
-            for (step, _, seconds), host in zip(finished, values, strict=True)
-        ]
+            {"step": step, **{k: v.item() for k, v in host.items()}, "seconds": secs,
+             "host_seconds": hook, "time": t}
+            for (step, _, secs, hook, t), host in zip(finished, values, strict=True)
+        ]  # fmt: skip
         for hook in self.hooks:
             hook.on_metrics(rows)

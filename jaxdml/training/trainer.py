@@ -2,8 +2,8 @@
 and offers the supervisor its recovery verbs.
 
 The supervisor sees a Trainer only through `jaxdml.supervisor.Recoverable`: the devices,
-the last finished step, and four verbs (`reform`, `rollback`, `restore`, `checkpoint_now`)
-plus `record`. It never assigns the state or reaches into the checkpointer, the metrics
+the last finished step, and three verbs (`reform`, `rollback`, `checkpoint_now`) plus
+`record`. It never assigns the state or reaches into the checkpoint tiers, the metrics
 or the injector.
 """
 
@@ -20,22 +20,23 @@ import numpy as np
 import optax
 from absl import logging
 
-from jaxdml import checkpoint as ckpt_lib
-from jaxdml import distributed
+from jaxdml import distributed, liveness
 from jaxdml import mesh as mesh_lib
 from jaxdml.accounting import Accounting
-from jaxdml.config import validate
+from jaxdml.checkpoint import NoValidCheckpoint, identity
+from jaxdml.config import ConfigError, validate
 from jaxdml.constants import VERSION
 from jaxdml.data import Dataset, GlobalBatcher, load_dataset
 from jaxdml.faults import inject
-from jaxdml.faults.detect import PreemptionWatcher, Watchdog
+from jaxdml.faults.detect import StopSignals, Watchdog
 from jaxdml.faults.errors import GaveUp
 from jaxdml.metrics import EventLog, MetricsWriter, write_json
 from jaxdml.models import build_model, check_model, is_boosted, model_inputs, num_steps
 from jaxdml.supervisor import Supervisor
-from jaxdml.training.hooks import BeforeStep, Hook, Periodic, StepInfo, StopWhen
+from jaxdml.training.hooks import BeforeStep, Hook, StopWhen
 from jaxdml.training.loop import Loop
 from jaxdml.training.optimizers import build_optimizer
+from jaxdml.training.rows import EvalRows, Pet, WriteRows
 from jaxdml.training.state import (
     TrainState,
     abstract_state,
@@ -47,6 +48,7 @@ from jaxdml.training.state import (
 )
 from jaxdml.training.step import make_gradient_step
 from jaxdml.training.step_common import StepFn, make_skip_step
+from jaxdml.training.tiers import MEMORY, PERSISTENT, Tiers
 from jaxdml.training.tree_step import make_tree_step
 
 
@@ -92,7 +94,45 @@ class Trainer:
         # Before anything else starts JAX: simulated CPU devices must be set up front.
         devices = devices or distributed.default_devices(config)
         self.dataset = dataset or load_dataset(config.data)
-        ds = self.dataset
+        # What a checkpoint must have been written for: the problem-defining config
+        # fields and the training data's identity (other data: exit 2, naming it).
+        self.problem = {"config": identity(config), "data": self.dataset.identity()}
+        self._build_model(model)
+        # Process 0 writes the run's records; the others keep theirs apart, per process.
+        records = workdir if distributed.is_coordinator() else _process_dir(workdir)
+        self.metrics = MetricsWriter(records, config.train.tensorboard)
+        self.events = EventLog(records, tensorboard=self.metrics.tensorboard)
+        self.tiers = Tiers(config, workdir, self.events.record)
+        self.tiers.verify.every = config.supervisor.fingerprint_every
+        faults = inject.parse(config.faults)
+        try:
+            inject.check_targets(faults, len(jax.devices()), jax.process_count())
+        except inject.FaultPlanError as e:
+            raise ConfigError(f"config.faults: {e}") from e
+        self.injector = inject.Injector(
+            faults,
+            already_fired=[e["fault"] for e in self.events.rows() if "fault" in e],
+            record=self.events.record,
+        )
+        if supervisor is None and config.supervisor.enabled:
+            supervisor = Supervisor(config)
+        self.supervisor = supervisor
+        self.accounting = Accounting(self.events)
+        self.user_hooks = list(hooks)
+        self._rows = WriteRows(self.metrics, config.train.log_every)
+        self.set_devices(devices)
+        self.agreement = liveness.Agreement(liveness.multi_process(), distributed.is_coordinator())
+        self._start_time = time.time()
+        self.stopped_by: int | None = None  # the signal that stopped the run, if any
+        self.skip_steps: set[int] = set()  # steps whose batch is set aside (after a rollback)
+        self.live_processes: list[int] | None = None  # set after a host loss: the survivors
+        self._running: Loop | None = None  # the loop in progress (or the one that failed)
+        self._restored_from: str | None = None  # the tier the state came from
+        self._watch = self._watchdog()  # started by fit()
+        self.state: TrainState = self.restore_or_init()
+
+    def _build_model(self, model: Any) -> None:
+        config, ds = self.config, self.dataset
         if model is None:
             model = build_model(config, ds.num_features, ds.num_classes, ds.x_train)
         check_model(model)
@@ -107,36 +147,6 @@ class Trainer:
             None if full else config.train.batch_size,
             config.seed,
         )
-        # Process 0 writes the run's records; the others keep theirs apart, per process.
-        records = workdir if distributed.is_coordinator() else _process_dir(workdir)
-        self.metrics = MetricsWriter(records, config.train.tensorboard)
-        self.events = EventLog(records, tensorboard=self.metrics.tensorboard)
-        self.checkpointer = ckpt_lib.Checkpointer(
-            workdir,
-            max_to_keep=config.checkpoint.max_to_keep,
-            keep_period=config.checkpoint.keep_period,
-            async_save=config.checkpoint.async_save,
-            on_event=self.events.record,
-        )
-        self.injector = inject.Injector(
-            inject.parse(config.faults),
-            already_fired=[e["fault"] for e in self.events.rows() if "fault" in e],
-            record=self.events.record,
-        )
-        if supervisor is None and config.supervisor.enabled:
-            supervisor = Supervisor(config)
-        self.supervisor = supervisor
-        self.accounting = Accounting(self.events)
-        self.user_hooks = list(hooks)
-        self._rows = _WriteRows(self.metrics, config.train.log_every)
-        self.set_devices(devices)
-        self._start_time = time.time()
-        self.preempted = False
-        self.skip_steps: set[int] = set()  # steps whose batch is set aside (after a rollback)
-        self.live_processes: list[int] | None = None  # set after a host loss: the survivors
-        self._running: Loop | None = None  # the loop in progress (or the one that failed)
-        self._watch = self._watchdog()  # started by fit()
-        self.state: TrainState = self.restore_or_init()
 
     # ------------------------------------------------------------------ building
 
@@ -149,73 +159,101 @@ class Trainer:
         else:
             self.step_fn = make_gradient_step(self.model, self.optimizer, self.mesh, donate)
         self.skip_fn: StepFn = make_skip_step(self.mesh)
+        self._warm = False
 
     def restore_or_init(self) -> TrainState:
         """The state to start from.
 
-        Resume precedence: (1) the newest valid checkpoint in workdir/checkpoints
-        (invalid ones are set aside, older ones tried); (2) a fresh init when there
-        are none, when checkpoint.resume='false' (old checkpoints are set aside, not
-        deleted), or when none is valid and resume='auto_or_scratch'.
+        Resume precedence: (1) the newest valid checkpoint in either tier, the memory tier
+        first at equal steps (jaxdml/training/tiers.py; invalid ones are set aside, older
+        ones tried); (2) a fresh init when there are none, when checkpoint.resume='false'
+        (old checkpoints are set aside, not deleted), or when none is valid and
+        resume='auto_or_scratch'.
         """
         c = self.config
         if c.checkpoint.resume == "false":
-            self.checkpointer.move_all_aside("checkpoint.resume=false")
+            self.tiers.move_all_aside("checkpoint.resume=false")
             return self._fresh_state()
+        t0 = time.perf_counter()
         try:
-            state = self._restore_latest()
-        except ckpt_lib.NoValidCheckpoint as e:
+            with self._watch.allow(c.distributed.initialization_timeout_secs):
+                state = self._restore_newest()
+        except NoValidCheckpoint as e:
             if c.checkpoint.resume != "auto_or_scratch":
                 raise
             logging.warning("%s; starting from scratch (resume=auto_or_scratch)", e)
             return self._fresh_state()
         step = int(to_host(state.step))
         if step:
-            self.events.record("resumed", step, num_devices=int(self.mesh.devices.size))
-            logging.info("resumed from checkpoint step %d", step)
+            self.record(
+                "resumed",
+                step,
+                num_devices=int(self.mesh.devices.size),
+                source=self._restored_from,
+                restore_seconds=time.perf_counter() - t0,
+            )
+            logging.info("resumed from step %d (%s tier)", step, self._restored_from)
         return state
 
-    def _restore_latest(self) -> TrainState:
+    def _restore_newest(self) -> TrainState:
         """The newest valid checkpoint on the current mesh (a fresh state if there is
         none); metrics rows past its step are dropped, since those steps run again."""
         abstract = abstract_state(self.model, self.optimizer, self.config.seed, self.mesh)
-        restored = self.checkpointer.restore_latest_valid(abstract, ckpt_lib.identity(self.config))
+        restored = self.tiers.restore(abstract, self.problem, self.mesh)
         if restored is None:
+            self._restored_from = None
             return self._fresh_state()
-        state, meta = restored
-        self.metrics.truncate_after(int(meta["step"]))
+        state, step, self._restored_from = restored
+        self.metrics.truncate_after(step)
         return state
 
     def _fresh_state(self) -> TrainState:
         self.metrics.truncate_after(0)  # rows of an earlier, unsaved attempt
         return init_state(self.model, self.optimizer, self.config.seed, self.mesh)
 
-    def save_checkpoint(self, step: int, state: TrainState, wait: bool = False) -> None:
-        """Saves `state` (async unless `wait`), with the meta that validates it later."""
+    def save_checkpoint(self, step: int, state: TrainState, tier: str = PERSISTENT, wait=False):
+        """Saves `state` in one tier (async unless `wait`), with the meta that validates it."""
         meta = {
-            "config": ckpt_lib.identity(self.config),
+            **self.problem,
             "num_devices": int(self.mesh.devices.size),
             "jaxdml_version": VERSION,
         }
-        self.checkpointer.save(step, state, meta, wait=wait)
+        self.tiers.save(tier, step, state, meta, self.mesh, wait=wait)
+
+    def _save_verified(self, step: int, memory: bool = True) -> None:
+        """A synchronous save (persistent tier, and the memory tier when a restart may
+        follow), of replicas verified to agree first: a final, preemption or give-up save
+        has no later check to catch a flipped bit.
+
+        Raises:
+          SilentCorruption: the replicas disagree; nothing was saved.
+        """
+        with self._watch.allow(self.config.distributed.shutdown_timeout_secs):
+            self.tiers.check_now(step, self.state, self.mesh)
+            self.save_checkpoint(step, self.state, PERSISTENT, wait=True)
+            if memory:
+                self.save_checkpoint(step, self.state, MEMORY, wait=True)
 
     # ------------------------------------------------------------------ the loop
 
     def _hooks(self, checkpoints: bool, supervised: bool, stop_when=None) -> list[Hook]:
         """The loop's hooks, in the order they run."""
-        ck = self.config.checkpoint
         hooks: list[Hook] = [BeforeStep(self.injector.before_step)]
-        if checkpoints and (ck.every_steps or ck.every_secs):
-            hooks.append(Periodic(self.save_checkpoint, ck.every_steps, ck.every_secs))
-        hooks += [_EvalRows(self.evaluate, self.config.train.eval_every), self._rows]
+        if checkpoints:
+            save = lambda tier, step, state: self.save_checkpoint(step, state, tier)  # noqa: E731
+            hooks += self.tiers.hooks(save, self.agreement.decider)
+        hooks += [EvalRows(self.evaluate, self.config.train.eval_every), self._rows]
         if supervised:
-            hooks += [self.accounting, *self.supervisor.hooks(self), _Pet(self._watch)]
+            hooks += [self.accounting, *self.supervisor.hooks(self), Pet(self._watch)]
         if stop_when is not None:
             hooks.append(StopWhen(stop_when))
         return hooks + self.user_hooks
 
-    def _loop(self, num_steps: int, hooks: list[Hook], transaction=None) -> Loop:
-        """A Loop over the current mesh."""
+    def _loop(self, num_steps: int, hooks: list[Hook]) -> Loop:
+        """A Loop over the current mesh; multi-process, in live_devices spans."""
+        spans = None
+        if self.agreement.multi:
+            spans = liveness.Spans(lambda: self.devices, self.agreement)
         return Loop(
             self.step_fn,
             self.batcher,
@@ -225,8 +263,29 @@ class Trainer:
             dispatch_depth=self.config.train.dispatch_depth,
             skip_fn=self.skip_fn,
             skip_steps=frozenset(self.skip_steps),
-            transaction=transaction,
+            transaction=spans,
+            span=self.config.distributed.steps_per_transaction,
         )
+
+    def _warm_up(self) -> None:
+        """Compiles this mesh's step before the loop (under the watchdog's allowance, so
+        that a slow compilation is not a hang); multi-process, the processes then meet
+        at a barrier, so that one's slower compilation never counts against the
+        collective timeout."""
+        if self._warm:
+            return
+        with self._watch.allow(self.config.distributed.initialization_timeout_secs):
+            batch, _ = self.batcher.next(to_host(self.state.data_pos), self.mesh)
+            for fn in (self.step_fn, self.skip_fn):
+                if hasattr(fn, "lower"):
+                    fn.lower(self.state, batch).compile()
+            self.tiers.check_now(int(to_host(self.state.step)), self.state, self.mesh)
+            distributed.barrier(
+                "warm_up",
+                self.config.distributed.initialization_timeout_secs,
+                sorted({int(d.process_index) for d in self.devices}),
+            )
+        self._warm = True
 
     def run_steps(self, n: int) -> dict:
         """Advances `n` steps with the plain loop (no supervisor, no periodic checkpoints).
@@ -242,6 +301,7 @@ class Trainer:
           The metrics row of the last finished step (loss, batch_accuracy, ...).
         """
         target = min(int(to_host(self.state.step)) + n, self.num_steps)
+        self._warm_up()
         self._running = self._loop(target, self._hooks(checkpoints=False, supervised=False))
         self.state = self._running.run(self.state)
         return self._rows.last_row
@@ -250,48 +310,55 @@ class Trainer:
         """Runs to the last step and writes result.json; returns the result.
 
         Under a supervisor, failures are recovered (see jaxdml.supervisor); without one
-        any failure ends the run. On preemption (SIGTERM) the current step finishes, a
-        checkpoint is saved synchronously, and the returned result has preempted=True
-        (no result.json).
+        any failure ends the run. On SIGTERM (preemption) or SIGINT (Ctrl-C) the current
+        step finishes, a verified checkpoint is saved in both tiers, and the returned
+        result has stopped_by set (no result.json).
 
         Raises:
           GaveUp: the supervisor stopped (report.json and a final checkpoint were written).
         """
-        with PreemptionWatcher() as preemption, self._watch:
+        with StopSignals() as signals, self._watch:
             try:
-                self._train(preemption.reached)
+                self._train(signals)
             except GaveUp as e:
                 self._write_report(e.report)
                 raise
         step = int(to_host(self.state.step))
         if step < self.num_steps:
-            return self.stop_preempted(step)
-        self.save_checkpoint(step, self.state, wait=True)
-        return self.finish(self.accounting.report() if self.supervisor else {})
+            return self.stopped(step, signals.signum)
+        result = self.finish(self.accounting.report() if self.supervisor else {})
+        self.tiers.remove_memory_tier()
+        return result
 
-    def _train(self, stop_when) -> None:
-        """The one loop, restarted on the recovered state after each recovery."""
+    def _train(self, signals: StopSignals) -> None:
+        """The one loop, restarted on the recovered state after each recovery; the last
+        (or the stopping) save is part of it, so a disagreement found there is recovered."""
         supervised = self.supervisor is not None
-        transaction = self.supervisor.transaction(self) if supervised else None
+        stop = lambda step: self.agreement.decide("stop", signals.requested, anyone=True)  # noqa: E731
         self.accounting.start()
         while True:
-            hooks = self._hooks(checkpoints=True, supervised=supervised, stop_when=stop_when)
-            loop = self._loop(self.num_steps, hooks, transaction)
+            hooks = self._hooks(checkpoints=True, supervised=supervised, stop_when=stop)
             try:
-                self._running = loop
-                self.state = loop.run(self.state)
+                self._warm_up()
+                self._running = self._loop(self.num_steps, hooks)
+                self.state = self._running.run(self.state)
+                step = int(to_host(self.state.step))
+                self._save_verified(step, memory=step < self.num_steps)
                 break
             except Exception as error:  # noqa: BLE001 -- the supervisor classifies; bugs re-raise
                 if not supervised:
                     raise
                 recovery = self.supervisor.recover(error, self)
                 self.accounting.begin_recovery(recovery)
+                self.accounting.loop_started()
                 self._watch.pet()
         self.accounting.stop()
 
     def _watchdog(self) -> Watchdog:
-        secs = self.config.supervisor.watchdog_secs if self.supervisor else 0.0
-        return Watchdog(secs, lambda idle: self.supervisor.on_hang(idle, self))
+        sup = self.config.supervisor
+        floor = sup.watchdog_secs if self.supervisor else 0.0
+        on_hang = lambda idle: self.supervisor.on_hang(idle, self)  # noqa: E731
+        return Watchdog(floor, on_hang, factor=sup.watchdog_step_factor)
 
     # ------------------------------------------------------------------ recovery verbs
 
@@ -326,40 +393,30 @@ class Trainer:
         _, state = self._newest_finished()
         processes = sorted({int(d.process_index) for d in devices})
         lost_processes = processes != sorted({int(d.process_index) for d in self.devices})
+        self.tiers.forget_pending()
         self.set_devices(devices)
         step = self._adopt(from_replica(state, self.mesh))
         if lost_processes:
-            self.checkpointer.restrict_to(processes)
+            self.tiers.restrict_to(processes)
             self.live_processes = processes
         return step
 
     def rollback(self, set_aside_batches: Sequence[int] = ()) -> int:
-        """Restores the newest valid checkpoint; the batches of `set_aside_batches` steps
-        will be skipped when those steps run again.
+        """Restores the newest valid checkpoint of either tier (after pending saves are
+        verified); the batches of `set_aside_batches` steps are skipped when those steps
+        run again.
 
         Returns:
           The restored step.
         """
-        self.checkpointer.wait()
         self.skip_steps.update(set_aside_batches)
-        return self._adopt(self._restore_latest())
-
-    def restore(self, step: int, host_state: TrainState, devices: Sequence[jax.Device]) -> None:
-        """Places a host copy of the state of `step` on a mesh over `devices`; checkpoints
-        written after `step` are set aside and metrics rows after it dropped (they may
-        hold what the copy is restored to undo)."""
-        self.checkpointer.wait()
-        for saved in self.checkpointer.steps():
-            if saved > step:
-                self.checkpointer.set_aside(saved, f"written after the restored step {step}")
-        self.set_devices(devices)
-        self._adopt(jax.device_put(host_state, mesh_lib.replicated(self.mesh)))
-        self.metrics.truncate_after(step)
+        with self._watch.allow(self.config.distributed.initialization_timeout_secs):
+            return self._adopt(self._restore_newest())
 
     def checkpoint_now(self) -> int:
-        """Saves the current state synchronously; returns its step."""
+        """Saves the current state synchronously in both tiers, verified; returns its step."""
         step = int(to_host(self.state.step))
-        self.save_checkpoint(step, self.state, wait=True)
+        self._save_verified(step)
         return step
 
     def record(self, kind: str, step: int, **fields) -> dict:
@@ -382,25 +439,27 @@ class Trainer:
             "test_accuracy": float(np.mean(ds.predict(predict, params, "test") == ds.y_test)),
         }
 
-    def stop_preempted(self, step: int) -> dict:
-        """Saves now, records the preemption and closes; the next start resumes."""
-        self.save_checkpoint(step, self.state, wait=True)
-        self.events.record("preemption", step, action="saved checkpoint and exited")
-        logging.warning("preempted at step %d: checkpoint saved, exiting", step)
-        self.preempted = True
+    def stopped(self, step: int, signum: int | None) -> dict:
+        """After a stop signal: the verified save is done; record it and close. The next
+        start resumes."""
+        kind = "interrupted" if signum == 2 else "preemption"
+        self.record(kind, step, action="saved checkpoint and exited")
+        logging.warning("%s at step %d: checkpoint saved, exiting", kind, step)
+        self.stopped_by = signum
         self.close()
-        return {"preempted": True, "steps": step}
+        return {"preempted": kind == "preemption", "interrupted": kind == "interrupted",
+                "steps": step}  # fmt: skip
 
     def close(self) -> None:
         """Waits for pending saves and closes every writer."""
-        self.checkpointer.close()
+        self.tiers.close()
         self.metrics.close()
         self.events.close()
 
     def _write_report(self, report: dict) -> None:
         """report.json (the supervisor gave up): why, where, and the accounting so far."""
         report = {**report, **self.accounting.report()}
-        self.events.record(
+        self.record(
             "gave_up",
             report["step"],
             devices=report.get("lost_devices", []),
@@ -423,59 +482,13 @@ class Trainer:
             "data": self.dataset.name,
         }
         result.update(extra or {})
-        result["checkpoint_saves"] = self.checkpointer.saves
-        result["checkpoint_failed_saves"] = self.checkpointer.failed_saves
+        result["checkpoint_saves"] = self.tiers.persistent.saves
+        result["checkpoint_failed_saves"] = self.tiers.persistent.failed_saves
         if distributed.is_coordinator():
             write_json(os.path.join(self.workdir, "result.json"), result)
             np.savez(os.path.join(self.workdir, "params.npz"), **flat_params(self.state.params))
         self.close()
         return result
-
-
-class _EvalRows(Hook):
-    """Adds train/test accuracy to the rows of every `every`-th step, evaluated on that very
-    step's state (a host sync, but only every `every` steps)."""
-
-    def __init__(self, evaluate, every: int):
-        self.evaluate, self.every = evaluate, every
-        self.pending: dict[int, dict] = {}
-
-    def after_step(self, info: StepInfo) -> bool:
-        if self.every and info.step % self.every == 0:
-            self.pending[info.step] = self.evaluate(info.state)
-        return False
-
-    def on_metrics(self, rows: list[dict]) -> None:
-        for row in rows:
-            row.update(self.pending.pop(row["step"], {}))
-
-
-class _WriteRows(Hook):
-    """metrics.jsonl (and TensorBoard) rows; a progress line every `log_every` steps."""
-
-    def __init__(self, metrics: MetricsWriter, log_every: int):
-        self.metrics, self.every = metrics, log_every
-        self.last_row: dict = {}
-
-    def on_metrics(self, rows: list[dict]) -> None:
-        for row in rows:
-            self.metrics.write(row)
-            if row["step"] % self.every == 0:
-                logging.info(
-                    "step %d  loss %.5f  grad_norm %.3g", row["step"], row["loss"], row["grad_norm"]
-                )
-        self.last_row = rows[-1]
-
-
-class _Pet(Hook):
-    """Tells the watchdog the loop is making progress."""
-
-    def __init__(self, watchdog: Watchdog):
-        self.watchdog = watchdog
-
-    def after_step(self, info: StepInfo) -> bool:
-        self.watchdog.pet()
-        return False
 
 
 def _process_dir(workdir: str) -> str:

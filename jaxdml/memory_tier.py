@@ -1,0 +1,117 @@
+"""The memory tier: each process keeps its own copy of the state in a fast local folder.
+
+A save takes this process's replica (on the CPU backend a zero-copy view of the device
+buffer, which stays valid because the state is never donated) and hands it to one
+background thread that writes every leaf as a .npy file and a meta.json into a temporary
+folder, then renames it to the step's folder: the rename is the commit. The loop blocks
+for nothing but the hand-over. Restores read the files back and lay them on this
+process's devices; the seal and the validity rules are the shared ones of
+jaxdml.checkpoint.Tier.
+
+Why not Orbax here (measured, orbax-checkpoint 0.12, 2 processes on CPU): a
+CheckpointManager limited to one process (MultiprocessingOptions(active_processes={me}))
+deadlocked within a minute of async saves every second: its finalize thread waits for a
+"signal" key in the coordination service named by a per-process operation counter, and
+the two processes' local saves set and awaited each other's keys. Orbax's emergency
+CheckpointManager needs a mesh with a replica axis of several slices (with one slice it
+ignores the local directory). The persistent tier stays on Orbax.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxdml.checkpoint import Tier, place_replicated
+
+_META = "meta.json"
+
+
+class MemoryTier(Tier):
+    """Process-local checkpoints written by a background thread; newest `max_to_keep` kept.
+
+    Args:
+      directory: this process's folder (created if missing).
+      set_aside, on_event: as jaxdml.checkpoint.Tier.
+      max_to_keep: newest steps kept.
+    """
+
+    def __init__(self, directory: str, set_aside: str, max_to_keep: int = 2, on_event=None):
+        super().__init__(directory, set_aside, on_event, primary=True)
+        self.max_to_keep = max_to_keep
+        os.makedirs(self.directory, exist_ok=True)
+        for name in os.listdir(self.directory):  # half-written saves of a killed process
+            if name.startswith(".tmp-"):
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, "jaxdml-memory-tier")
+        self._writes: list[concurrent.futures.Future] = []
+
+    def steps(self) -> list[int]:
+        return sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
+
+    def _write(self, step: int, state: Any, meta: dict) -> None:
+        leaves = [_replica(x) for x in jax.tree.leaves(state)]
+        self._writes = [f for f in self._writes if not f.done()]
+        self._writes.append(self._writer.submit(self._write_files, step, leaves, meta))
+
+    def _write_files(self, step: int, leaves: list[np.ndarray], meta: dict) -> None:
+        tmp = os.path.join(self.directory, f".tmp-{step}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        for i, leaf in enumerate(leaves):
+            np.save(os.path.join(tmp, f"{i}.npy"), leaf, allow_pickle=False)
+        with open(os.path.join(tmp, _META), "w") as f:
+            json.dump({**meta, "leaves": len(leaves)}, f)
+        os.replace(tmp, self._step_dir(step))  # the commit
+        for old in self.steps()[: -self.max_to_keep]:
+            shutil.rmtree(self._step_dir(old), ignore_errors=True)
+
+    def _finish_writes(self) -> None:
+        writes, self._writes = self._writes, []
+        for f in writes:
+            f.result()  # re-raises a failed write
+
+    def _surface_background_errors(self) -> None:
+        for f in [f for f in self._writes if f.done()]:
+            self._writes.remove(f)
+            if f.exception() is not None:
+                self._record_failure(self.last_saved_step, f.exception())
+
+    def _committed(self, step: int) -> bool:
+        return os.path.exists(os.path.join(self._step_dir(step), _META))
+
+    def _read_meta(self, step: int) -> tuple[dict, str | None]:
+        try:
+            with open(os.path.join(self._step_dir(step), _META)) as f:
+                return json.load(f), None
+        except (OSError, ValueError) as e:
+            return {}, f"unreadable meta: {e}"
+
+    def _read_state(self, step: int, abstract_state: Any) -> Any:
+        leaves, treedef = jax.tree.flatten(abstract_state)
+        arrays = []
+        for i, abstract in enumerate(leaves):
+            host = np.load(os.path.join(self._step_dir(step), f"{i}.npy"), allow_pickle=False)
+            if host.shape != abstract.shape or host.dtype != abstract.dtype:
+                raise ValueError(f"leaf {i} is {host.dtype}{host.shape}, want {abstract}")
+            arrays.append(place_replicated(host, abstract))
+        return treedef.unflatten(arrays)
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._writer.shutdown(wait=True)
+
+
+def _replica(x: Any) -> np.ndarray:
+    """This process's replica of a replicated array, as a host array (a view on CPU)."""
+    if isinstance(x, jax.Array):
+        return np.asarray(x.addressable_shards[0].data)
+    return np.asarray(x)

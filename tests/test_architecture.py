@@ -66,3 +66,18 @@ def test_the_supervisor_uses_only_the_recovery_interface():
         if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "target"
     }
     assert used and used <= verbs, used - verbs
+
+
+def test_no_python_file_over_600_lines():
+    """A file that long is several topics in one: split it into modules."""
+    long = []
+    for top in ("jaxdml", "scripts", "experiments", "configs", "tests"):
+        for root, _, files in os.walk(os.path.join(REPO, top)):
+            for name in files:
+                if name.endswith(".py"):
+                    path = os.path.join(root, name)
+                    with open(path) as f:
+                        n = sum(1 for _ in f)
+                    if n > 600:
+                        long.append((os.path.relpath(path, REPO), n))
+    assert long == []

@@ -1,12 +1,14 @@
-"""scripts/bench.py: the quick benchmark run end to end, and its helpers."""
+"""scripts/bench.py: the quick benchmark run end to end, and the helpers of its sections
+(the package scripts/benchmarks, importable as `benchmarks`: pyproject.toml puts scripts/
+on pytest's path as `python scripts/bench.py` puts it on its own)."""
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+from benchmarks import common, goodput, recovery, scaling
 
 from jaxdml.faults import parse
 from tests.conftest import REPO
@@ -14,21 +16,8 @@ from tests.conftest import REPO
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("_bench", os.path.join(REPO, "scripts/bench.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def bench():
-    return load_bench()
-
-
-def test_goodput_plan_rotates_faults_over_healthy_devices(bench):
-    plan = bench.goodput_plan(num_steps=10_000, interval=1000, num_devices=4)
+def test_goodput_plan_rotates_faults_over_healthy_devices():
+    plan = goodput.goodput_plan(num_steps=10_000, interval=1000, num_devices=4)
     faults = parse(plan)
     assert [f.start for f in faults] == list(range(1000, 10_000, 1000))
     assert [f.kind for f in faults] == [
@@ -40,20 +29,32 @@ def test_goodput_plan_rotates_faults_over_healthy_devices(bench):
     assert faults[2].end == faults[2].start + 2  # a burst of 3 NaN batches: a rollback
 
 
-def test_goodput_plan_skips_a_bitflip_without_a_majority(bench):
-    plan = bench.goodput_plan(num_steps=5000, interval=1000, num_devices=2)
+def test_goodput_plan_skips_a_bitflip_without_a_majority():
+    plan = goodput.goodput_plan(num_steps=5000, interval=1000, num_devices=2)
     kinds = [f.kind for f in parse(plan)]
     assert "bitflip" not in kinds and kinds[0] == "device_loss"
 
 
-def test_loglog_slope_and_cold_lost_work(bench):
-    assert bench.loglog_slope([1e4, 1e5, 1e6], [2.0, 20.0, 200.0]) == pytest.approx(1.0)
-    assert bench.loglog_slope([1, 2, 4, 8], [3.0] * 4) == pytest.approx(0.0, abs=1e-12)
+def test_loglog_slope_and_cold_lost_work():
+    assert scaling.loglog_slope([1e4, 1e5, 1e6], [2.0, 20.0, 200.0]) == pytest.approx(1.0)
+    assert scaling.loglog_slope([1, 2, 4, 8], [3.0] * 4) == pytest.approx(0.0, abs=1e-12)
     events = [
         {"kind": "fault_injected", "step": 85, "time": 10.0},
         {"kind": "resumed", "step": 50, "time": 12.5},
     ]
-    assert bench.cold_lost_work(events) == (35, 2.5)
+    assert recovery.cold_lost_work(events) == (35, 2.5)
+
+
+def test_settings_overrides_take_the_type_of_the_field():
+    s = common.with_overrides(
+        common.QUICK,
+        ["models_repeats=5", "models_only=gbdt,svm", "ckpt_sizes_mb=1,2", "overhead_breakdown=1"],
+    )
+    assert (s.models_repeats, s.models_only, s.ckpt_sizes_mb) == (5, ("gbdt", "svm"), (1, 2))
+    assert s.overhead_breakdown is True and s.goodput_seconds == common.QUICK.goodput_seconds
+    for bad in (["no_such_field=1"], ["models_repeats"], ["overhead_problems=a"]):
+        with pytest.raises(ValueError):
+            common.with_overrides(common.QUICK, bad)
 
 
 def test_gpu_figures_exit_cleanly_without_a_gpu(tmp_path):
@@ -69,7 +70,7 @@ def test_gpu_figures_exit_cleanly_without_a_gpu(tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_benchmark_writes_every_section_and_valid_plots(tmp_path, bench):
+def test_quick_benchmark_writes_every_section_and_valid_plots(tmp_path):
     out = tmp_path / "results"
     proc = subprocess.run(
         [sys.executable, "scripts/bench.py", "--quick", f"--out={out}"],
@@ -80,7 +81,7 @@ def test_quick_benchmark_writes_every_section_and_valid_plots(tmp_path, bench):
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = (out / "benchmarks.md").read_text()
-    for title in bench.TITLES.values():
+    for title in common.TITLES.values():
         assert f"\n## {title}\n" in report
     assert "This section failed" not in report
     images = [line for line in report.splitlines() if line.startswith("![")]
@@ -98,6 +99,8 @@ def test_quick_benchmark_writes_every_section_and_valid_plots(tmp_path, bench):
     assert 0 < overhead["protected_over_bare"] < 2
     assert all(o["completed"] for o in raw["recovery"]["outcomes"].values())
     assert raw["recovery"]["outcomes"]["device_loss"]["lost_steps"] == 0
+    assert [m for m, _ in recovery.HOST_LOSS_MODES] == list(raw["recovery"]["host_loss"])
+    assert raw["models"]["returncode"] == 0 and "| digits (1437 x 64) | mlp" in report
     assert all(r["completed"] for r in raw["goodput"]["runs"].values())
     assert raw["goodput"]["runs"]["with faults"]["faults"] >= 2
     assert 0 < raw["goodput"]["goodput"]["accounted"] < 1

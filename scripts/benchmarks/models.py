@@ -1,22 +1,25 @@
-"""Accuracy and training time of jaxdml's SVM, GBDT and MLP against scikit-learn (and XGBoost).
+"""Models: accuracy and training time of jaxdml's SVM, GBDT and MLP against scikit-learn (and
+XGBoost). A section of scripts/bench.py, run in a fresh process (`--worker=models`).
 
 Every model is trained on the same split, side by side in one process (ours and the
-references interleaved, repeat by repeat); times are medians of --repeats runs.
+references interleaved, repeat by repeat); times are medians of Settings.models_repeats runs.
 "ours fit" is from the data in host memory to a trained model (model and batcher
 set-up, binning, compilation, all steps); "ours steps" leaves out set-up and the first
 step's compilation (the steady-state cost of the N steps, estimated from steps 2..N).
 Ratios are ours / reference: above 1 is slower.
 
-  python scripts/bench_models.py                  # markdown table on stdout
-  python scripts/bench_models.py --repeats 5 --devices 4 --only gbdt --only svm
-  python scripts/bench_models.py --quick          # one repeat (scripts/bench.py --quick)
+  python scripts/bench.py --only=models                 # medians of 3
+  python scripts/bench.py --only=models --set=models_repeats=5 --set=models_devices=4 \
+      --set=models_only=gbdt,svm --set=models_data=seed,digits
+  python scripts/bench.py --only=models --quick         # one repeat
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +27,7 @@ import warnings
 
 import jax
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from .common import BENCH, REPO, Context, Section, config_module
 
 C = 1.0  # LinearSVC's C; ours: l2 = 1 / (C * n_train)
 # Full-batch steps our SVM needs to come close to LinearSVC's objective (configs/svm.py: 500).
@@ -81,7 +84,7 @@ def _reference(make, ds) -> dict:
 def _svm_jobs(ds, data):
     from sklearn.svm import LinearSVC
 
-    from configs import svm
+    svm = config_module("svm")
 
     config = _config(svm, "", data)
     config.model.l2 = 1.0 / (C * len(ds.y_train))
@@ -93,7 +96,7 @@ def _svm_jobs(ds, data):
 def _gbdt_jobs(ds, data):
     from sklearn.ensemble import HistGradientBoostingClassifier
 
-    from configs import gbdt
+    gbdt = config_module("gbdt")
 
     config = _config(gbdt, "digits" if ds.num_classes > 2 else "", data)
     m = config.model
@@ -132,7 +135,7 @@ def _gbdt_jobs(ds, data):
 def _mlp_jobs(ds, data):
     from sklearn.neural_network import MLPClassifier
 
-    from configs import mlp
+    mlp = config_module("mlp")
 
     config = _config(mlp, "", data)
     m, t = config.model, config.train
@@ -164,16 +167,19 @@ def _median(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", dest="repeats", type=int, default=3)
-    parser.add_argument("--quick", dest="quick", action="store_true", help="one repeat")
-    parser.add_argument("--devices", type=int, default=4, help="simulated CPU devices for ours")
-    parser.add_argument("--only", action="append", choices=sorted(MODELS), default=None)
-    parser.add_argument("--data", action="append", choices=sorted(DATASETS), default=None)
-    args = parser.parse_args()
-    if args.quick:
-        args.repeats = 1
+@dataclasses.dataclass(frozen=True)
+class Args:
+    """What the worker measures: bench_models' former command-line flags."""
+
+    repeats: int = 3
+    devices: int = 4  # simulated CPU devices for ours
+    only: list | None = None  # names of MODELS; None: all
+    data: list | None = None  # names of DATASETS; None: all
+
+
+def worker(args: Args) -> None:
+    """Prints the models table (markdown) on stdout; call in a fresh process (`bench.py
+    --worker=models`): the device count is fixed when JAX starts."""
     jax.config.update("jax_num_cpu_devices", args.devices)
 
     import sklearn
@@ -196,8 +202,9 @@ def main() -> None:
 
 
 def _table(args) -> None:
-    from configs import seed_logreg
     from jaxdml.data import load_dataset
+
+    seed_logreg = config_module("seed_logreg")
 
     print(
         "| data (train rows x features) | model | ours acc | reference | ref acc "
@@ -230,5 +237,31 @@ def _table(args) -> None:
                 )
 
 
-if __name__ == "__main__":
-    main()
+def run(ctx: Context) -> Section:
+    """The models section: the worker's table, or its failure, as the section's body."""
+    s = ctx.settings
+    cmd = [sys.executable, BENCH, "--worker=models", f"--worker_devices={s.models_devices}",
+           f"--worker_repeats={s.models_repeats}"]  # fmt: skip
+    cmd += [f"--worker_models={','.join(s.models_only)}"] if s.models_only else []
+    cmd += [f"--worker_data={','.join(s.models_data)}"] if s.models_data else []
+    text, data, ok = _run_worker(cmd, s.script_timeout)
+    return Section("models", text, data, failed=not ok)
+
+
+def _run_worker(cmd: list[str], timeout: float) -> tuple[str, dict, bool]:
+    """Runs `cmd` (the worker: a fresh process, so that JAX starts with its device count).
+
+    Returns:
+      (markdown: the command and its stdout, or a failure with its stderr; raw data: the
+      command and its exit code; whether it did not fail).
+    """
+    shown = f"`python {' '.join([os.path.relpath(cmd[1], REPO), *cmd[2:]])}`"
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"{shown} **timed out** after {timeout:.0f} s.", {}, False
+    data = {"command": cmd[1:], "returncode": proc.returncode}
+    if proc.returncode != 0:
+        tail = proc.stderr[-3000:]
+        return f"{shown} **failed** (exit {proc.returncode}):\n\n```\n{tail}\n```", data, False
+    return f"{shown}:\n\n{proc.stdout.strip()}", data, True

@@ -1,0 +1,214 @@
+"""Fault-tolerance overhead: steps/s of the supervised Trainer with every protection on vs a
+bare hand-written jitted shard_map loop on the same model and data (and vs the unprotected
+Trainer); repeats interleaved, median ratio."""
+
+from __future__ import annotations
+
+import collections
+import functools
+import os
+import time
+
+from .common import Context, Section, _median, _progress, _pyplot, _save, _table, config_module
+
+# Overhead variants: (supervisor on, checkpoint every 100 steps, fingerprints every 50 steps +
+# watchdog). "bare" is the hand-written loop; the *_only variants split the protections' cost.
+OVERHEAD_VARIANTS = {
+    "plain": (False, False, False),
+    "checkpoint_only": (True, True, False),
+    "fingerprints_only": (True, False, True),
+    "protected": (True, True, True),
+}
+
+
+def _overhead_config(rows: int, steps: int, variant: str):
+    supervised, checkpoints, checks = OVERHEAD_VARIANTS[variant]
+    c = config_module("seed_logreg").get_config()
+    if rows:  # a larger generated problem (the seed data is sklearn's, 10k rows)
+        c.data.source, c.data.n_samples, c.data.n_informative = "synthetic", rows, 5
+    c.train.num_steps = steps
+    c.train.log_every = 10**9
+    c.supervisor.enabled = supervised
+    c.checkpoint.every_steps = 100 if checkpoints else 0  # async Orbax save
+    c.supervisor.fingerprint_every = 50 if checks else 0  # replica fingerprints (SDC)
+    c.supervisor.watchdog_secs = 60.0 if checks else 0.0  # step watchdog thread
+    return c
+
+
+def _time_trainer(config, dataset, devices, workdir: str, warm: int) -> tuple[float, float]:
+    """(steps/s from step `warm` to the last, final loss) of one Trainer.fit."""
+    from jaxdml.training.hooks import OnMetrics
+    from jaxdml.training.trainer import Trainer
+
+    n = config.train.num_steps
+    marks: dict[int, float] = {}
+
+    def mark(rows):
+        for row in rows:
+            if row["step"] in (warm, n):
+                marks.setdefault(row["step"], time.perf_counter())
+
+    trainer = Trainer(config, workdir, devices=devices, dataset=dataset, hooks=[OnMetrics(mark)])
+    result = trainer.fit()
+    return (n - warm) / (marks[n] - marks[warm]), float(result["loss"])
+
+
+def bare_loop(x, y, devices, learning_rate: float, steps: int, warm: int) -> tuple[float, float]:
+    """A hand-written data-parallel logistic-regression GD loop, nothing else.
+
+    jax.shard_map computes each device's loss and gradient sums, a psum adds them,
+    optax applies SGD; at most 2 steps are in flight (docs/architecture.md: unbounded dispatch of
+    collectives deadlocks on CPU). No metrics, checkpoints, guards or hooks.
+
+    Returns:
+      (steps/s from step `warm` to the last, final loss).
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.asarray(devices), ("data",))
+    n = len(x) // len(devices) * len(devices)
+    xs = jax.device_put(x[:n], NamedSharding(mesh, P("data")))
+    ys = jax.device_put(y[:n].astype(np.float32), NamedSharding(mesh, P("data")))
+    params = {"w": jnp.zeros((x.shape[1],)), "b": jnp.zeros(())}
+    params = jax.device_put(params, NamedSharding(mesh, P()))
+    opt = optax.sgd(learning_rate)
+    opt_state = opt.init(params)
+
+    def local(p, xb, yb):
+        def loss_sum(q):
+            z = xb @ q["w"] + q["b"]
+            return jnp.sum(jax.nn.softplus(z) - yb * z)
+
+        p = jax.lax.pcast(p, "data", to="varying")  # per-device grads; psum aggregates
+        return jax.lax.psum(jax.value_and_grad(loss_sum)(p), "data")
+
+    sums = jax.shard_map(local, mesh=mesh, in_specs=(P(), P("data"), P("data")), out_specs=P())
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(p, s, xb, yb):
+        loss, grads = sums(p, xb, yb)
+        updates, s = opt.update(jax.tree.map(lambda g: g / n, grads), s, p)
+        return optax.apply_updates(p, updates), s, loss / n
+
+    inflight: collections.deque = collections.deque()
+    marks, done = {}, 0
+    for _ in range(steps):
+        if len(inflight) >= 2:
+            inflight.popleft().block_until_ready()
+            done += 1
+            marks.setdefault(done, time.perf_counter())
+        params, opt_state, loss = step(params, opt_state, xs, ys)
+        inflight.append(loss)
+    while inflight:
+        last = float(inflight.popleft())
+        done += 1
+        marks.setdefault(done, time.perf_counter())
+    return (steps - warm) / (marks[steps] - marks[warm]), last
+
+
+def _overhead_problem(ctx: Context, name: str, rows: int, steps: int) -> dict:
+    import jax
+
+    from jaxdml.data import load_dataset
+
+    devices = jax.devices()[:4]
+    kinds = ["bare", "plain", "protected"]
+    if ctx.settings.overhead_breakdown:
+        kinds[2:2] = ["checkpoint_only", "fingerprints_only"]
+    configs = {k: _overhead_config(rows, steps, k) for k in kinds if k != "bare"}
+    ds = load_dataset(configs["plain"].data)
+    lr = configs["plain"].train.learning_rate
+    warm = max(110, steps // 10)  # past compiling the step, the first save and the first check
+    rates, losses = collections.defaultdict(list), {}
+    for r in _progress(range(ctx.settings.overhead_repeats), f"overhead {name}"):
+        for kind in kinds if r % 2 == 0 else kinds[::-1]:  # interleaved: drift hits all alike
+            if kind == "bare":
+                rate, losses[kind] = bare_loop(ds.x_train, ds.y_train, devices, lr, steps, warm)
+            else:
+                workdir = os.path.join(ctx.work, "overhead", f"{name}-{kind}-{r}".replace(" ", ""))
+                rate, losses[kind] = _time_trainer(configs[kind], ds, devices, workdir, warm)
+            rates[kind].append(rate)
+
+    def ratio(a: str, b: str) -> float:  # median of the per-repeat ratios
+        return _median([x / y for x, y in zip(rates[a], rates[b], strict=True)])
+
+    return {
+        "problem": name,
+        "rows": len(ds.x_train),
+        "steps": steps,
+        "warm": warm,
+        "devices": 4,
+        "rates": dict(rates),
+        "median_rate": {k: _median(v) for k, v in rates.items()},
+        "protected_over_bare": ratio("protected", "bare"),
+        "plain_over_bare": ratio("plain", "bare"),
+        "over_plain": {k: ratio(k, "plain") for k in kinds if k not in ("bare", "plain")},
+        "final_loss": losses,
+    }
+
+
+def run(ctx: Context) -> Section:
+    """The overhead section: every problem of ctx.settings, a table and a bar plot."""
+    results = [_overhead_problem(ctx, *p) for p in ctx.settings.overhead_problems]
+    split = ctx.settings.overhead_breakdown
+    header = ["problem", "steps", "bare steps/s", "plain steps/s", "protected steps/s",
+              "plain/bare", "protected/bare", "protected/plain"]  # fmt: skip
+    if split:
+        header += ["checkpoint only/plain", "fingerprints+watchdog only/plain"]
+    rows = []
+    for r in results:
+        m, over = r["median_rate"], r["over_plain"]
+        row = [r["problem"], r["steps"], f"{m['bare']:.0f}", f"{m['plain']:.0f}",
+               f"{m['protected']:.0f}", f"{r['plain_over_bare']:.2f}",
+               f"**{r['protected_over_bare']:.2f}**", f"{over['protected']:.2f}"]  # fmt: skip
+        if split:
+            row += [f"{over['checkpoint_only']:.2f}", f"{over['fingerprints_only']:.2f}"]
+        rows.append(row)
+    losses = "; ".join(
+        f"{r['problem']}: bare {r['final_loss']['bare']:.6f}, "
+        f"protected {r['final_loss']['protected']:.6f}"
+        for r in results
+    )
+    body = OVERHEAD_TEXT.format(repeats=ctx.settings.overhead_repeats) + _table(header, rows)
+    body += f"\n\nFinal losses (the same model and data in both loops): {losses}."
+    return Section("overhead", body, {"problems": results}, [_plot_overhead(ctx, results)])
+
+
+OVERHEAD_TEXT = (
+    "Full-batch logistic-regression GD on 4 simulated CPU devices, {repeats} repeats "
+    "interleaved (the order of the variants alternates), steps/s from step `warm` (past "
+    "step 110: the compilation of the step, the first checkpoint and the first fingerprint "
+    "check are excluded) to the last step, median per variant; ratios are medians of "
+    "the per-repeat ratios.\n\n"
+    "- **bare**: a hand-written jitted `jax.shard_map` + `psum` + optax loop, dispatch "
+    "depth 2, nothing else (`bare_loop` in scripts/benchmarks/overhead.py).\n"
+    "- **plain**: `jaxdml.Trainer.fit()` without the supervisor: batcher, NaN guard (always "
+    "on in the step), the step's metrics (batch accuracy, an extra pass over X; gradient and "
+    "parameter norms), a metrics row fetched and written per step.\n"
+    "- **protected**: the `jaxdml.train` path, supervisor and every protection: async "
+    "checkpoint every 100 steps, NaN guard, replica fingerprints every 50 steps, step "
+    "watchdog. The full run also times the checkpoints alone and the fingerprints and "
+    "watchdog alone, each under the supervisor.\n\n"
+)
+
+
+def _plot_overhead(ctx: Context, results: list[dict]) -> str:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.5), squeeze=False)
+    names = {"checkpoint_only": "ckpt\nonly", "fingerprints_only": "fp+wd\nonly"}
+    colors = {"bare": "#7f7f7f", "plain": "#1f77b4", "protected": "#d62728"}
+    for ax, r in zip(axes[0], results, strict=True):
+        kinds = list(r["rates"])
+        labels = [names.get(k, k) for k in kinds]
+        heights = [r["median_rate"][k] for k in kinds]
+        ax.bar(labels, heights, color=[colors.get(k, "#ff7f0e") for k in kinds])
+        for i, k in enumerate(kinds):
+            ax.scatter([i] * len(r["rates"][k]), r["rates"][k], color="k", s=8, zorder=3)
+        ax.set_title(f"{r['problem']}: protected/bare = {r['protected_over_bare']:.2f}", fontsize=9)
+        ax.set_ylabel("steps/s")
+    return _save(fig, ctx.plot_path("overhead.png"))

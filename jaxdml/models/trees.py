@@ -189,17 +189,30 @@ class GBDTModel:
         start = params["base"] + jnp.zeros_like(x[:, :1], jnp.float32)  # [n, outputs]
         return jax.lax.fori_loop(0, self.num_trees, add_round, start)
 
-    def binned_margins(self, params: Params, xb: jax.Array, num_rounds: jax.Array) -> jax.Array:
-        """Raw scores [n, outputs] of binned rows xb from the first `num_rounds` rounds."""
+    def binned_margins(
+        self, params: Params, xb: jax.Array, num_rounds: jax.Array, start=None, first_round=0
+    ) -> jax.Array:
+        """Raw scores [n, outputs] of binned rows xb from the first `num_rounds` rounds.
+
+        `start` holds the rows' margins from rounds [0, first_round) (the base alone when
+        None). The rounds are added one at a time, base + tree_0 + tree_1 + ..., with the
+        same float adds whether they start from the base or from kept margins: margins
+        kept round by round (`boost_round`'s delta) are bitwise these.
+        """
         params = jax.tree.map(jnp.asarray, params)
 
         def add_round(t, m):
             index = self._binned_leaf_index(params["feature"][t], params["threshold_bin"][t], xb)
             return m + _per_output(params["leaf"][t], index)
 
-        # zeros_like(xb): the carry is per-row (varying across devices under shard_map).
-        start = params["base"] + jnp.zeros_like(xb[:, :1], jnp.float32)  # [n, outputs]
-        return jax.lax.fori_loop(0, num_rounds, add_round, start)
+        if start is None:
+            start = self._base_margins(params["base"], xb)
+        return jax.lax.fori_loop(first_round, num_rounds, add_round, start)
+
+    @staticmethod
+    def _base_margins(base: jax.Array, xb: jax.Array) -> jax.Array:
+        # zeros_like(xb): the rows' values are per-row (varying across devices under shard_map).
+        return base + jnp.zeros_like(xb[:, :1], jnp.float32)  # [n, outputs]
 
     def predict(self, params: Params, x: jax.Array) -> jax.Array:
         """Predicted labels [n] int32 of float features x [n, F]."""
@@ -329,7 +342,7 @@ class GBDTModel:
 
     # ------------------------------------------------------------------------- one round
 
-    def grow_trees(self, xb, gh, scale, reduce: Collectives) -> dict[str, jax.Array]:
+    def grow_trees(self, xb, gh, scale, reduce: Collectives) -> tuple[dict, jax.Array]:
         """Grows one tree per output depth-wise from quantized gh [n, outputs, 2].
 
         A node that does not split passes its own sums to both children (its rows all
@@ -337,7 +350,8 @@ class GBDTModel:
         threshold does not matter there (it is 0: every parameter stays small).
 
         Returns:
-          feature, threshold_bin, threshold [outputs, internal nodes], leaf [outputs, leaves].
+          trees: feature, threshold_bin, threshold [outputs, internal nodes], leaf
+          [outputs, leaves]; and the leaf each row reached [n, outputs].
         """
         pos = jnp.zeros(gh.shape[:2], jnp.int32)
         hist = reduce.sum(self.histogram(xb, pos, gh, 1))
@@ -351,17 +365,17 @@ class GBDTModel:
             split = (splits["bin"] < self.num_bins - 1)[..., None]
             children = [jnp.where(split, splits[side], value) for side in ("left", "right")]
             value = jnp.stack(children, axis=2).reshape(value.shape[0], -1, 2)
-            if depth + 1 == self.max_depth:
-                break
             f, b = _per_output(splits["feature"], pos), _per_output(splits["bin"], pos)
             pos = 2 * pos + (_row_values(xb, f).astype(jnp.int32) > b)
-            hist = self.children_histograms(hist, splits, xb, pos, gh, reduce)
+            if depth + 1 < self.max_depth:
+                hist = self.children_histograms(hist, splits, xb, pos, gh, reduce)
         sums = value / scale[:, None, :]
         leaf = -self.learning_rate * sums[..., 0] / jnp.maximum(sums[..., 1] + self.l2, _TINY)
         feature = jnp.concatenate([s["feature"] for s in levels], axis=1)
         bin_ = jnp.concatenate([s["bin"] for s in levels], axis=1)
         threshold = self._raw_threshold(feature, bin_)
-        return {"feature": feature, "threshold_bin": bin_, "threshold": threshold, "leaf": leaf}
+        trees = {"feature": feature, "threshold_bin": bin_, "threshold": threshold, "leaf": leaf}
+        return trees, pos
 
     def _raw_threshold(self, feature: jax.Array, bin_: jax.Array) -> jax.Array:
         """edges[feature, bin]: "bin <= b" is "x <= edges[f, b]"; 0 where nothing splits."""
@@ -369,7 +383,17 @@ class GBDTModel:
         padded = np.concatenate([edges, np.zeros((self.num_features, 1))], axis=1)
         return jnp.asarray(padded, jnp.float32)[feature, bin_]
 
-    def boost_round(self, params, round_index, xb, y, w, reduce: Collectives = Collectives()):
+    def boost_round(
+        self,
+        params,
+        round_index,
+        xb,
+        y,
+        w,
+        reduce: Collectives = Collectives(),
+        margins=None,
+        margin_rounds=0,
+    ):
         """One boosting round on this caller's rows; the trees land at `round_index`.
 
         Args:
@@ -377,16 +401,25 @@ class GBDTModel:
           round_index: int32 scalar, the round to grow.
           xb, y, w: this caller's binned rows, labels and weights (0 for padding rows).
           reduce: sum and max across callers (psum / pmax over 'data'; identity alone).
+          margins, margin_rounds: the rows' margins from rounds [0, margin_rounds), kept by
+            the caller; the rounds from there to round_index are added from the trees
+            (margin_rounds = 0, the default: all of them, from the base).
 
         Returns:
-          (params with the new trees, summed metrics: loss, correct, weight, grad_sq).
+          (params with the new trees, summed metrics: loss, correct, weight, grad_sq,
+          the rows' margins before this round [n, outputs], and the new trees' addition
+          to them [n, outputs]: margins + delta are the margins after the round, bitwise
+          what `binned_margins` recomputes from the trees).
         """
         counts = reduce.sum(jnp.zeros(self.num_classes).at[y].add(w))
         base = jnp.where(round_index == 0, self.base_margin(counts), params["base"])
         params = {**params, "base": base}
-        margins = self.binned_margins(params, xb, round_index)
+        start, first = self._base_margins(base, xb), 0
+        if margins is not None:
+            start, first = jnp.where(margin_rounds > 0, margins, start), margin_rounds
+        margins = self.binned_margins(params, xb, round_index, start, first)
         gh, loss = self.gradients(margins, y, w)
-        trees = self.grow_trees(xb, *self.quantize(gh, reduce), reduce)
+        trees, leaf_index = self.grow_trees(xb, *self.quantize(gh, reduce), reduce)
         params = {
             k: v.at[round_index].set(trees[k]) if k in trees else v for k, v in params.items()
         }
@@ -396,7 +429,7 @@ class GBDTModel:
             "weight": jnp.sum(w),
             "grad_sq": jnp.sum(gh[..., 0] ** 2),
         }
-        return params, reduce.sum(sums)
+        return params, reduce.sum(sums), margins, _per_output(trees["leaf"], leaf_index)
 
 
 # Flat 1-D gathers: on CPU about 3x faster than take_along_axis on 2-D arrays (measured).

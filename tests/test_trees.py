@@ -254,3 +254,20 @@ def test_kept_margins_are_not_used_for_a_replaced_state(tmp_path):
     assert step.reused == 1
     for name, leaf in to_host(want.params).items():
         np.testing.assert_array_equal(to_host(got.params)[name], leaf, err_msg=name)
+
+
+def test_trees_are_identical_when_devices_outnumber_features(tmp_path):
+    # Each device scores a block of features; with 2 features on 3 or 4 devices some
+    # devices hold only padding columns (repeats that never split). 3 classes: 3 trees
+    # per round. 301 rows: the shards are padded too.
+    from jaxdml.data import Dataset
+
+    x, y = make_classification(401, 2, 2, 3, seed=3)
+    ds = Dataset(x[:301], y[:301], x[301:], y[301:], num_classes=3, name="tiny")
+    config = gbdt.get_config("smoke")
+    config.model.max_depth = 3
+    runs = {d: _fit(config, tmp_path / f"d{d}", d, dataset=ds) for d in (1, 3, 4)}
+    shas = {d: result["params_sha256"] for d, (_, result) in runs.items()}
+    assert len(set(shas.values())) == 1, shas
+    params = to_host(runs[4][0].state.params)
+    assert set(np.unique(params["feature"])) == {0, 1} and params["leaf"].any()

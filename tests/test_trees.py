@@ -9,11 +9,11 @@ import pytest
 
 from configs import gbdt
 from jaxdml.data import GlobalBatcher, load_dataset, make_classification
-from jaxdml.mesh import data_sharded, make_mesh
+from jaxdml.mesh import data_sharded, make_mesh, replicated
 from jaxdml.models.trees import GBDTModel, bin_features, quantile_bin_edges
 from jaxdml.training.state import to_host
 from jaxdml.training.trainer import Trainer
-from jaxdml.training.tree_step import aggregated_histogram
+from jaxdml.training.tree_step import aggregated_histogram, make_tree_step
 from tests.conftest import run_cli
 
 
@@ -57,7 +57,7 @@ def test_a_depth_one_tree_splits_where_the_labels_change():
     edges = quantile_bin_edges(x, 8)
     model = GBDTModel(1, 2, edges, num_trees=1, max_depth=1, learning_rate=1.0, l2=0.0,
                       min_child_weight=0.0)  # fmt: skip
-    params, sums = jax.jit(model.boost_round)(
+    params, sums, _, _ = jax.jit(model.boost_round)(
         model.init(None), jnp.int32(0), bin_features(x, edges), y, np.ones(4, np.float32)
     )
     assert float(params["base"][0]) == 0.0  # balanced classes: log-odds 0
@@ -94,7 +94,7 @@ def test_grown_trees_are_bitwise_identical_for_any_device_count(tmp_path):
     round_fn = jax.jit(model.boost_round)
     xb, w = model.encode(ds.x_train), np.ones(len(ds.y_train), np.float32)
     for t in range(8):
-        params, _ = round_fn(params, jnp.int32(t), xb, ds.y_train, w)
+        params, *_ = round_fn(params, jnp.int32(t), xb, ds.y_train, w)
     for name in want:
         np.testing.assert_array_equal(np.asarray(params[name]), want[name], err_msg=name)
 
@@ -197,3 +197,77 @@ def test_a_corrupted_batch_skips_its_round(tmp_path):
     assert [r["skipped"] for r in rows] == [0, 0, 1, 0, 0]
     leaf = to_host(trainer.state.params)["leaf"]
     assert not leaf[2].any() and leaf[3].any() and result["test_accuracy"] > 0.9
+
+
+def test_margins_kept_between_rounds_equal_the_recomputation_bitwise(tmp_path):
+    # D=3 pads the shards with weight-0 copies of row 0: their margins stay finite and equal
+    # to row 0's, and every kept margin is what the trees recompute, bit for bit.
+    trainer, _ = _fit(gbdt.get_config("smoke"), tmp_path, 3)
+    step, state, model = trainer.step_fn, trainer.state, trainer.model
+    assert step.reused == 4  # rounds 2..5 continued from the kept margins
+    batch, _ = trainer.batcher.next({"epoch": 0, "index": 0}, trainer.mesh)
+    kept = np.asarray(step._kept.margins)
+    xb = np.asarray(batch["x"])
+    want = jax.jit(model.binned_margins)(to_host(state.params), xb, 5)
+    np.testing.assert_array_equal(kept, np.asarray(want))
+    padding = np.asarray(batch["w"]) == 0
+    assert padding.any() and np.all(kept[padding] == kept[0])
+
+
+def test_a_rebuilt_step_mid_training_grows_the_same_trees(tmp_path):
+    # Rebuilding the step (as a restore or a device change does) drops the kept margins;
+    # the next round recomputes them from the trees and the run ends bitwise the same.
+    config = gbdt.get_config("smoke")
+    ds = load_dataset(config.data)
+    _, whole = _fit(config, tmp_path / "whole", 2, dataset=ds)
+    trainer = Trainer(config, str(tmp_path / "rebuilt"), devices=jax.devices()[:2], dataset=ds)
+    trainer.run_steps(2)
+    trainer.set_devices(jax.devices()[:2])  # a new step object: nothing kept
+    result = trainer.fit()
+    assert trainer.step_fn.reused == 2  # round 3 recomputed, rounds 4 and 5 continued
+    assert result["params_sha256"] == whole["params_sha256"]
+
+
+def test_kept_margins_are_not_used_for_a_replaced_state(tmp_path):
+    trainer = Trainer(gbdt.get_config("smoke"), str(tmp_path), devices=jax.devices()[:2])
+    batch, _ = trainer.batcher.next({"epoch": 0, "index": 0}, trainer.mesh)
+    step = make_tree_step(trainer.model, trainer.mesh)
+    s0 = trainer.state
+    s1, _ = step(s0, batch)
+    s2, _ = step(s1, batch)
+    assert step.reused == 1
+    # A rollback to s0 and a state equal to s1 but not s1 itself both recompute, and
+    # give what continuing from them gave the first time.
+    again1, _ = step(s0, batch)
+    copy_of_s1 = jax.device_put(to_host(s1), replicated(trainer.mesh))
+    again2, _ = step(copy_of_s1, batch)
+    assert step.reused == 1
+    for want, got in ((s1, again1), (s2, again2)):
+        for name, leaf in to_host(want.params).items():
+            np.testing.assert_array_equal(to_host(got.params)[name], leaf, err_msg=name)
+    # Continuing from a state whose trees were changed in place of the kept one (as the
+    # bitflip fault does) must not reuse margins computed from the old trees.
+    flipped = again2.replace(params={**again2.params, "leaf": again2.params["leaf"] * 2.0})
+    fresh = make_tree_step(trainer.model, trainer.mesh)
+    got, _ = step(flipped, batch)
+    want, _ = fresh(flipped, batch)
+    assert step.reused == 1
+    for name, leaf in to_host(want.params).items():
+        np.testing.assert_array_equal(to_host(got.params)[name], leaf, err_msg=name)
+
+
+def test_trees_are_identical_when_devices_outnumber_features(tmp_path):
+    # Each device scores a block of features; with 2 features on 3 or 4 devices some
+    # devices hold only padding columns (repeats that never split). 3 classes: 3 trees
+    # per round. 301 rows: the shards are padded too.
+    from jaxdml.data import Dataset
+
+    x, y = make_classification(401, 2, 2, 3, seed=3)
+    ds = Dataset(x[:301], y[:301], x[301:], y[301:], num_classes=3, name="tiny")
+    config = gbdt.get_config("smoke")
+    config.model.max_depth = 3
+    runs = {d: _fit(config, tmp_path / f"d{d}", d, dataset=ds) for d in (1, 3, 4)}
+    shas = {d: result["params_sha256"] for d, (_, result) in runs.items()}
+    assert len(set(shas.values())) == 1, shas
+    params = to_host(runs[4][0].state.params)
+    assert set(np.unique(params["feature"])) == {0, 1} and params["leaf"].any()

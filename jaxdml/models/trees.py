@@ -3,18 +3,24 @@
 Math only. One boosting round grows one tree per output (binary logistic: one;
 multiclass softmax: one per class) depth-wise to `max_depth`:
 
-  margins of the rows from the trees so far -> gradients g, hessians h
+  margins of the rows (kept by the caller, or recomputed from the trees so far)
+  -> gradients g, hessians h
   -> fixed-point integers (a global scale: sums are exact, in any order)
-  for each level: local gradient/hessian histograms [outputs, nodes, features, bins]
-                  -> `reduce.sum` (a psum across devices; the identity on one device)
-                  -> every caller evaluates the same best splits -> rows move down
-  leaf values -lr * G / (H + l2) from the last level's children sums.
+  for each level: local gradient/hessian histograms [features, outputs, nodes, bins]
+                  -> `reduce.sum_scatter` (a reduce-scatter across devices: each keeps
+                     the global histograms of its block of features)
+                  -> each device's best split per node among its features
+                  -> `reduce.gather` of those few numbers: every caller picks the same
+                  -> rows move down
+  leaf values -lr * G / (H + l2) from the last level's children sums, and the new
+  trees' addition to the rows' margins.
 
 Because every split is chosen from summed integer histograms, every device grows
 the same tree, bitwise, for any device count, and nothing is broadcast. A level
 after the root builds histograms only for the smaller child of each parent and
-derives the other as parent - smaller (histogram subtraction: half the psum
-volume and fewer scattered updates).
+derives the other as parent - smaller (histogram subtraction: half the reduction
+volume). Scoring splits only for its own features divides that work by the device
+count instead of repeating it on every device.
 
 Trees are complete binary trees stored as fixed-size arrays (heap order: node i has
 children 2i+1 and 2i+2); a node that does not split sends every row left (threshold
@@ -41,13 +47,35 @@ def _identity(tree: Any) -> Any:
     return tree
 
 
+def _stack_one(x: jax.Array) -> jax.Array:
+    return x[None]
+
+
+def _first() -> int:
+    return 0
+
+
 @dataclasses.dataclass(frozen=True)
 class Collectives:
-    """How callers combine their shards: sum and max over a pytree (psum / pmax over the
-    'data' axis under shard_map; the identity for a single caller holding all rows)."""
+    """How callers combine their shards (defaults: a single caller holding all rows).
+
+    Attributes:
+      sum, max: over a pytree (psum / pmax over the 'data' axis under shard_map).
+      sum_scatter: sums an array over callers, each keeping its block of axis 0
+        (psum_scatter); `size` must divide that axis.
+      gather: every caller's integer array, stacked on a new axis 0 in caller order.
+      index: this caller's position (axis_index); size: the number of callers.
+      varying: marks a new value as per-caller (pcast to varying under shard_map, where
+        loop carries must say whether they differ between callers).
+    """
 
     sum: Callable[[Any], Any] = _identity
     max: Callable[[Any], Any] = _identity
+    sum_scatter: Callable[[jax.Array], jax.Array] = _identity
+    gather: Callable[[jax.Array], jax.Array] = _stack_one
+    index: Callable[[], Any] = _first
+    size: int = 1
+    varying: Callable[[jax.Array], jax.Array] = _identity
 
 
 _TINY = 1e-15  # keeps G^2 / (H + l2) finite when l2 = 0 and a child is empty
@@ -74,7 +102,7 @@ def quantile_bin_edges(x: np.ndarray, num_bins: int) -> np.ndarray:
     edges = np.full((x.shape[1], num_bins - 1), np.inf, np.float32)
     percentiles = np.linspace(0, 100, num_bins + 1)[1:-1]
     for f in range(x.shape[1]):
-        col = np.asarray(x[:, f], np.float64)
+        col = np.sort(np.asarray(x[:, f], np.float64))  # percentile on sorted data: 4x faster
         distinct = np.unique(col)
         if len(distinct) <= num_bins:
             cuts = 0.5 * (distinct[:-1] + distinct[1:])
@@ -190,16 +218,26 @@ class GBDTModel:
         return jax.lax.fori_loop(0, self.num_trees, add_round, start)
 
     def binned_margins(self, params: Params, xb: jax.Array, num_rounds: jax.Array) -> jax.Array:
-        """Raw scores [n, outputs] of binned rows xb from the first `num_rounds` rounds."""
+        """Raw scores [n, outputs] of binned rows xb from the first `num_rounds` rounds.
+
+        The rounds are added one at a time, base + tree_0 + tree_1 + ..., the same float
+        adds in the same order as margins kept round by round (`grow_round`'s delta): the
+        two are bitwise equal.
+        """
         params = jax.tree.map(jnp.asarray, params)
 
         def add_round(t, m):
             index = self._binned_leaf_index(params["feature"][t], params["threshold_bin"][t], xb)
             return m + _per_output(params["leaf"][t], index)
 
-        # zeros_like(xb): the carry is per-row (varying across devices under shard_map).
-        start = params["base"] + jnp.zeros_like(xb[:, :1], jnp.float32)  # [n, outputs]
+        start = self.base_margins(params["base"], xb)
         return jax.lax.fori_loop(0, num_rounds, add_round, start)
+
+    @staticmethod
+    def base_margins(base: jax.Array, xb: jax.Array) -> jax.Array:
+        """The base [outputs] as every row's margins [n, outputs] before any tree."""
+        # zeros_like(xb): the rows' values are per-row (varying across devices under shard_map).
+        return base + jnp.zeros_like(xb[:, :1], jnp.float32)
 
     def predict(self, params: Params, x: jax.Array) -> jax.Array:
         """Predicted labels [n] int32 of float features x [n, F]."""
@@ -239,7 +277,8 @@ class GBDTModel:
         an exact global count and max, so no sum over rows can overflow int32.
         """
         rows = reduce.sum(jnp.sum(jnp.any(gh != 0, axis=(1, 2)).astype(jnp.int32)))
-        peak = reduce.max(jnp.max(jnp.abs(gh), axis=0))  # [outputs, 2]
+        # Rows last: XLA's CPU reductions over the leading axis of [n, 2] were ~8x slower.
+        peak = reduce.max(jnp.max(jnp.abs(jnp.moveaxis(gh, 0, -1)), axis=-1))  # [outputs, 2]
         scale = 2.0**30 / (jnp.maximum(rows, 1).astype(jnp.float32) * jnp.maximum(peak, 1e-30))
         return jnp.round(gh * scale).astype(jnp.int32), scale
 
@@ -248,118 +287,192 @@ class GBDTModel:
     def histogram(self, xb: jax.Array, pos: jax.Array, gh: jax.Array, num_nodes: int):
         """Local gradient/hessian histograms [outputs, num_nodes, F, bins, 2] (dtype of gh).
 
-        A loop over features of one scatter-add over all rows, outputs and nodes. On CPU,
-        one scatter over all features at once was ~8x slower (measured, 200k x 20), and
-        unrolling the features compiled ~4x slower for ~30% less run time. Rows with pos
-        outside [0, num_nodes) go to a spare node that is dropped (histogram subtraction
-        uses that; out-of-range indices with mode='drop' were 4x slower); weight-0 rows add 0.
-
         Args:
-          xb: bins [n, F]; pos: node of each row in each output's tree, [n, outputs];
-          gh: weighted gradients and hessians [n, outputs, 2]; num_nodes: nodes at this level.
+          xb: bins [n, F]; pos: node of each row in each output's tree, [n, outputs]
+            (rows outside [0, num_nodes) are left out); gh: weighted gradients and
+            hessians [n, outputs, 2]; num_nodes: nodes at this level.
+        """
+        return self._histograms(xb.T, pos, gh, num_nodes).transpose(1, 2, 0, 3, 4)
+
+    def _histograms(self, xt: jax.Array, node: jax.Array, gh: jax.Array, num_nodes: int):
+        """`histogram` of feature-major bins xt [F, n], laid out [F, outputs, nodes, bins, 2].
+
+        A loop over features of one scatter-add over all rows, outputs and nodes. On CPU,
+        one scatter over all features at once was ~2x slower (its histogram leaves the
+        cache) and unrolling the features compiled ~3x slower. Rows outside
+        [0, num_nodes) go to a spare node that is dropped (out-of-range indices with
+        mode='drop' were 4x slower; gathering only the wanted rows first was slower than
+        scattering all of them); weight-0 rows add 0.
         """
         k, b = self.num_outputs, self.num_bins
         size = k * num_nodes * b
-        inside = (pos >= 0) & (pos < num_nodes)
-        node = jnp.where(inside, jnp.arange(k) * num_nodes + pos, k * num_nodes)  # spare: last
+        inside = (node >= 0) & (node < num_nodes)
+        base = jnp.where(inside, jnp.arange(k) * num_nodes + node, k * num_nodes) * b
         updates = gh.reshape(-1, 2)
 
         def one_feature(column):
-            idx = (node * b + column[:, None].astype(jnp.int32)).reshape(-1)
+            idx = (base + column[:, None].astype(jnp.int32)).reshape(-1)
             hist = jnp.zeros((size + b, 2), gh.dtype).at[idx].add(updates, mode="promise_in_bounds")
             return hist[:size]
 
-        per_feature = jax.lax.map(one_feature, xb.T)  # [F, k * num_nodes * b, 2]
-        return per_feature.reshape(-1, k, num_nodes, b, 2).transpose(1, 2, 0, 3, 4)
+        return jax.lax.map(one_feature, xt).reshape(-1, k, num_nodes, b, 2)
 
-    def best_splits(self, hist: jax.Array, scale: jax.Array) -> dict[str, jax.Array]:
-        """The best split of every node from global int histograms [outputs, nodes, F, bins, 2].
+    def best_splits(self, hist, unscale, valid, reduce: Collectives) -> dict[str, jax.Array]:
+        """The best split of every node from this caller's features of the global histograms.
 
         Gain (XGBoost's): 1/2 [GL^2/(HL+l2) + GR^2/(HR+l2) - G^2/(H+l2)] - gamma over the
         splits "bin <= b goes left" with at least `min_child_weight` hessian on each side;
         ties go to the lowest (feature, bin). A node splits only when its best gain is > 0.
+        Each caller scores only its block of features; the callers' bests are gathered
+        (a few numbers per node) and all pick the same one, as one caller with every
+        feature would: the gains are the same float ops on the same integers.
+
+        Args:
+          hist: int histograms [bins, features here, outputs, nodes, 2].
+          unscale: 1 / quantization scale [outputs, 1, 2].
+          valid: [bins, features here], whether "bin <= b" is a split of that feature.
 
         Returns:
           feature, bin [outputs, nodes] (bin = num_bins - 1 where the node does not split),
-          and the children's integer sums left, right [outputs, nodes, 2].
+          and the children's integer sums left, right and the node's total [outputs, nodes, 2].
         """
-        cum = jnp.cumsum(hist, axis=-2)
-        total = cum[..., -1:, :]
-        unscale = 1.0 / scale[:, None, None, None, :]
+        gain, feature, bin_, left, total = self._local_best(hist, unscale, valid)
+        feature = feature + reduce.index() * hist.shape[1]
+        mine = [jax.lax.bitcast_convert_type(gain, jnp.int32), feature, bin_]
+        every = reduce.gather(jnp.concatenate([jnp.stack(mine, -1), left, total], -1))
+        who = jnp.argmax(jax.lax.bitcast_convert_type(every[..., 0], jnp.float32), axis=0)
+        best = jnp.take_along_axis(every, who[None, ..., None], axis=0)[0]  # [k, N, 7]
+        split = jax.lax.bitcast_convert_type(best[..., 0], jnp.float32) > 0
+        total = every[0, ..., 5:]  # the same on every caller
+        left = jnp.where(split[..., None], best[..., 3:5], total)  # no split: all rows go left
+        return {
+            "feature": jnp.where(split, best[..., 1], 0),
+            "bin": jnp.where(split, best[..., 2], self.num_bins - 1),
+            "left": left,
+            "right": total - left,
+            "total": total,
+        }
+
+    def _local_best(self, hist, unscale, valid):
+        """Best gain, feature, bin and left sums [outputs, nodes] among this caller's features.
+
+        Cumulative sums over bins by a scan (XLA's CPU cumsum was ~10x slower); argmax
+        takes the first maximum: the lowest bin, then the lowest feature.
+        """
 
         def score(s):
             g, h = s[..., 0], s[..., 1]
             return g**2 / jnp.maximum(h + self.l2, _TINY)
 
+        cum = _cumsum_major(hist)  # [b, F, k, N, 2]
+        total = cum[-1]
         left, right, parent = cum * unscale, (total - cum) * unscale, total * unscale
         gain = 0.5 * (score(left) + score(right) - score(parent)) - self.gamma
         ok = (left[..., 1] >= self.min_child_weight) & (right[..., 1] >= self.min_child_weight)
-        ok &= jnp.asarray(np.arange(self.num_bins) < self._num_edges[:, None])
-        flat = jnp.where(ok, gain, -jnp.inf).reshape(*gain.shape[:2], -1)
-        best = jnp.argmax(flat, axis=-1)
-        split = jnp.take_along_axis(flat, best[..., None], -1)[..., 0] > 0
-        feature = jnp.where(split, best // self.num_bins, 0)
-        bin_ = jnp.where(split, best % self.num_bins, self.num_bins - 1)
-        at = (feature * self.num_bins + bin_)[..., None, None]
-        left_sum = jnp.take_along_axis(cum.reshape(*cum.shape[:2], -1, 2), at, axis=2)[:, :, 0]
-        # Without a split every row goes left (bin <= num_bins - 1): left = the node's sums.
-        node_sum = total[:, :, 0, 0, :]  # every feature's bins sum to the same integers
-        return {"feature": feature, "bin": bin_, "left": left_sum, "right": node_sum - left_sum}
+        gain = jnp.where(ok & valid[:, :, None, None], gain, -jnp.inf)
+        bin_ = jnp.argmax(gain, axis=0)  # [F, k, N]: each feature's best
+        gain = jnp.take_along_axis(gain, bin_[None], 0)[0]
+        left = jnp.take_along_axis(cum, bin_[None, ..., None], 0)[0]  # [F, k, N, 2]
+        feature = jnp.argmax(gain, axis=0)  # [k, N]
 
-    @property
-    def _num_edges(self) -> np.ndarray:
-        return np.sum(np.isfinite(self.edges), axis=1)
+        def pick(a):  # a[feature[k, N], k, N, ...]
+            at = feature.reshape(1, *feature.shape, *[1] * (a.ndim - 3))
+            return jnp.take_along_axis(a, at, 0)[0]
 
-    def children_histograms(self, parent, splits, xb, pos, gh, reduce: Collectives):
-        """Histograms of the next level [outputs, 2 * parents, F, bins, 2] by subtraction.
+        return pick(gain), feature, pick(bin_), pick(left), total[0]
 
-        Only each parent's smaller child (by hessian sum) is built and summed across
-        callers; the other is parent - smaller (exact: integers). `pos` are the rows'
-        nodes at the next level.
+    def _valid_bins(self, num_columns: int) -> np.ndarray:
+        """[bins, columns]: "bin <= b" splits column f (False for repeated padding columns)."""
+        edges = np.zeros(num_columns, np.int64)
+        edges[: self.num_features] = np.sum(np.isfinite(self.edges), axis=1)
+        return np.arange(self.num_bins)[:, None] < edges[None, :]
+
+    def _columns(self, xb: jax.Array, callers: int) -> jax.Array:
+        """Feature-major bins [F', n], F' the multiple of `callers` at or above F.
+
+        Each caller scores F' / callers features; the padding columns repeat real ones
+        (so every caller's histograms hold the nodes' totals) and never split.
         """
-        left_small = splits["left"][..., 1] <= splits["right"][..., 1]  # [outputs, parents]
-        small_child = 2 * jnp.arange(left_small.shape[1]) + (~left_small)
-        row_small = _per_output(small_child, pos // 2) == pos
-        small = self.histogram(xb, jnp.where(row_small, pos // 2, -1), gh, parent.shape[1])
-        small = reduce.sum(small)
-        big = parent - small
-        ls = left_small[:, :, None, None, None]
-        children = jnp.stack([jnp.where(ls, small, big), jnp.where(ls, big, small)], axis=2)
-        return children.reshape(parent.shape[0], 2 * parent.shape[1], *parent.shape[2:])
+        num = -(-self.num_features // callers) * callers
+        xt = xb.T
+        return xt if num == self.num_features else xt[np.arange(num) % self.num_features]
 
     # ------------------------------------------------------------------------- one round
 
-    def grow_trees(self, xb, gh, scale, reduce: Collectives) -> dict[str, jax.Array]:
+    def grow_trees(self, xb, gh, scale, reduce: Collectives) -> tuple[dict, jax.Array]:
         """Grows one tree per output depth-wise from quantized gh [n, outputs, 2].
+
+        One loop iteration per level, all levels with the deepest level's shapes (unused
+        nodes stay empty), so the level compiles once: the padding costs little, since
+        histograms cost per row and the split search is small next to them. A level
+        builds the histograms of each parent's smaller child (by hessian sum; the root:
+        all rows), sums them across callers, each caller keeping its block of features,
+        and derives the other child as parent - smaller (exact: integers). Every caller
+        then picks the same splits (`best_splits`) and moves its rows down.
 
         A node that does not split passes its own sums to both children (its rows all
         go left, by bin), so every leaf below it gets the node's value and the raw
         threshold does not matter there (it is 0: every parameter stays small).
 
         Returns:
-          feature, threshold_bin, threshold [outputs, internal nodes], leaf [outputs, leaves].
+          trees: feature, threshold_bin, threshold [outputs, internal nodes], leaf
+          [outputs, leaves]; and the leaf each row reached [n, outputs].
         """
-        pos = jnp.zeros(gh.shape[:2], jnp.int32)
-        hist = reduce.sum(self.histogram(xb, pos, gh, 1))
-        value = None  # sums that set leaf values: [outputs, nodes, 2]
-        levels = []
-        for depth in range(self.max_depth):
-            splits = self.best_splits(hist, scale)
-            levels.append(splits)
-            if value is None:
-                value = splits["left"] + splits["right"]
-            split = (splits["bin"] < self.num_bins - 1)[..., None]
-            children = [jnp.where(split, splits[side], value) for side in ("left", "right")]
-            value = jnp.stack(children, axis=2).reshape(value.shape[0], -1, 2)
-            if depth + 1 == self.max_depth:
-                break
-            f, b = _per_output(splits["feature"], pos), _per_output(splits["bin"], pos)
-            pos = 2 * pos + (_row_values(xb, f).astype(jnp.int32) > b)
-            hist = self.children_histograms(hist, splits, xb, pos, gh, reduce)
-        sums = value / scale[:, None, :]
+        k, depth = self.num_outputs, self.max_depth
+        wide = 2 ** (depth - 1)  # nodes of the deepest level that splits
+        half = max(wide // 2, 1)  # its parents: the smaller children histograms
+        xt = self._columns(xb, reduce.size)
+        mine = xt.shape[0] // reduce.size  # features this caller scores
+        valid = jax.lax.dynamic_slice_in_dim(
+            jnp.asarray(self._valid_bins(xt.shape[0])), reduce.index() * mine, mine, axis=1
+        )
+        unscale = 1.0 / scale[:, None, :]
+        rows = jnp.zeros(gh.shape[:2], jnp.int32)
+
+        def level(d, c):
+            small = reduce.sum_scatter(self._histograms(xt, c["small"], gh, half))
+            small = jnp.moveaxis(small, 3, 0)  # [b, features here, k, half, 2]
+            hist = _children(c["hist"][..., :half, :], small, c["left_small"], d > 0)
+            hist = hist[..., :wide, :]
+            s = self.best_splits(hist, unscale, valid, reduce)
+            value = jnp.where(d > 0, c["value"][:, :wide], s["total"])
+            split = (s["bin"] < self.num_bins - 1)[..., None]
+            children = [jnp.where(split, s[side], value) for side in ("left", "right")]
+            node, code = c["pos"], _per_output((s["bin"] << 16) | s["feature"], c["pos"])
+            right = _row_values(xb, code & 0xFFFF).astype(jnp.int32) > (code >> 16)
+            left_small = s["left"][..., 1] <= s["right"][..., 1]  # [k, wide]
+            in_small = right != _per_output(left_small, node)
+            return {
+                "pos": 2 * node + right,
+                "small": jnp.where(in_small, node, -1),  # its parent: this level's node
+                "left_small": left_small[:, :half],
+                "hist": hist,
+                "value": jnp.stack(children, axis=2).reshape(k, 2 * wide, 2),
+                "feature": c["feature"].at[:, d].set(s["feature"]),
+                "bin": c["bin"].at[:, d].set(s["bin"]),
+            }
+
+        start = {
+            "pos": rows,
+            "small": rows,  # the root: every row, "smaller child" 0 of no parent
+            "left_small": jnp.ones((k, half), bool),
+            "hist": jnp.zeros((self.num_bins, mine, k, wide, 2), gh.dtype),
+            "value": jnp.zeros((k, 2 * wide, 2), gh.dtype),
+            "feature": jnp.zeros((k, depth, wide), jnp.int32),
+            "bin": jnp.zeros((k, depth, wide), jnp.int32),
+        }
+        per_caller = ("pos", "small", "hist")  # the others are the same on every caller
+        start = {key: reduce.varying(v) if key in per_caller else v for key, v in start.items()}
+        c = jax.lax.fori_loop(0, depth, level, start)
+        return self._trees(c, scale), c["pos"]
+
+    def _trees(self, grown: dict, scale: jax.Array) -> dict[str, jax.Array]:
+        """Heap-ordered tree arrays from the levels' splits and the leaves' integer sums."""
+        sums = grown["value"] / scale[:, None, :]
         leaf = -self.learning_rate * sums[..., 0] / jnp.maximum(sums[..., 1] + self.l2, _TINY)
-        feature = jnp.concatenate([s["feature"] for s in levels], axis=1)
-        bin_ = jnp.concatenate([s["bin"] for s in levels], axis=1)
+        levels = range(self.max_depth)
+        feature = jnp.concatenate([grown["feature"][:, d, : 2**d] for d in levels], axis=1)
+        bin_ = jnp.concatenate([grown["bin"][:, d, : 2**d] for d in levels], axis=1)
         threshold = self._raw_threshold(feature, bin_)
         return {"feature": feature, "threshold_bin": bin_, "threshold": threshold, "leaf": leaf}
 
@@ -369,34 +482,55 @@ class GBDTModel:
         padded = np.concatenate([edges, np.zeros((self.num_features, 1))], axis=1)
         return jnp.asarray(padded, jnp.float32)[feature, bin_]
 
-    def boost_round(self, params, round_index, xb, y, w, reduce: Collectives = Collectives()):
-        """One boosting round on this caller's rows; the trees land at `round_index`.
+    def grow_round(self, params, round_index, xb, y, w, reduce=Collectives(), margins=None):
+        """One boosting round on this caller's rows, without placing it in the params.
 
         Args:
           params: the trees so far (rounds >= round_index are still empty).
           round_index: int32 scalar, the round to grow.
           xb, y, w: this caller's binned rows, labels and weights (0 for padding rows).
-          reduce: sum and max across callers (psum / pmax over 'data'; identity alone).
+          reduce: how callers combine (`Collectives`; the defaults: one caller alone).
+          margins: the rows' margins from rounds [0, round_index) if the caller kept them
+            (not read at round 0: the base alone); None: computed here from the trees.
 
         Returns:
-          (params with the new trees, summed metrics: loss, correct, weight, grad_sq).
+          (the round: its trees feature, threshold_bin, threshold, leaf [outputs, ...] and
+          the base [outputs]; summed metrics loss, correct, weight, grad_sq; the rows'
+          margins before this round [n, outputs]; and the new trees' addition to them
+          [n, outputs]: margins + delta are bitwise what `binned_margins` recomputes).
         """
-        counts = reduce.sum(jnp.zeros(self.num_classes).at[y].add(w))
+        classes = jnp.arange(self.num_classes)[:, None]
+        counts = reduce.sum(jnp.sum(jnp.where(y == classes, w, 0.0), axis=1))  # rows last: fast
         base = jnp.where(round_index == 0, self.base_margin(counts), params["base"])
-        params = {**params, "base": base}
-        margins = self.binned_margins(params, xb, round_index)
+        if margins is None:
+            margins = self.binned_margins({**params, "base": base}, xb, round_index)
+        margins = jnp.where(round_index == 0, self.base_margins(base, xb), margins)
         gh, loss = self.gradients(margins, y, w)
-        trees = self.grow_trees(xb, *self.quantize(gh, reduce), reduce)
-        params = {
-            k: v.at[round_index].set(trees[k]) if k in trees else v for k, v in params.items()
-        }
-        sums = {
-            "loss": jnp.sum(w * loss),
-            "correct": jnp.sum(w * (_labels(margins) == y)),
-            "weight": jnp.sum(w),
-            "grad_sq": jnp.sum(gh[..., 0] ** 2),
-        }
-        return params, reduce.sum(sums)
+        trees, leaf_index = self.grow_trees(xb, *self.quantize(gh, reduce), reduce)
+        # One reduction over the stacked per-row terms, not four: fewer kernels to compile.
+        terms = [w * loss, w * (_labels(margins) == y), w, jnp.sum(gh[..., 0] ** 2, axis=1)]
+        total = reduce.sum(jnp.sum(jnp.stack(terms), axis=1))
+        sums = {name: total[i] for i, name in enumerate(("loss", "correct", "weight", "grad_sq"))}
+        delta = _per_output(trees["leaf"], leaf_index)
+        return {**trees, "base": base}, sums, margins, delta
+
+    def boost_round(self, params, round_index, xb, y, w, reduce=Collectives(), margins=None):
+        """`grow_round`, with the round placed at `round_index` in the returned params."""
+        grown, sums, margins, delta = self.grow_round(
+            params, round_index, xb, y, w, reduce, margins
+        )
+        return self.place_round(params, round_index, grown), sums, margins, delta
+
+    @staticmethod
+    def place_round(params: Params, round_index, grown: dict) -> Params:
+        """params with round `round_index`'s trees and the base from `grown`."""
+        placed = {k: v.at[round_index].set(grown[k]) for k, v in params.items() if k != "base"}
+        return {**placed, "base": grown["base"]}
+
+    @staticmethod
+    def round_of(params: Params, round_index) -> dict:
+        """Round `round_index`'s trees and the base, as `grow_round` returns them."""
+        return {k: v if k == "base" else v[round_index] for k, v in params.items()}
 
 
 # Flat 1-D gathers: on CPU about 3x faster than take_along_axis on 2-D arrays (measured).
@@ -412,6 +546,20 @@ def _row_values(x: jax.Array, column: jax.Array) -> jax.Array:
     """x[i, column[i, k]] for x [n, F] and columns [n, outputs]: [n, outputs]."""
     n, num_f = x.shape
     return jnp.asarray(x).reshape(-1)[(jnp.arange(n) * num_f)[:, None] + column]
+
+
+def _cumsum_major(x: jax.Array) -> jax.Array:
+    """Cumulative sums over axis 0 (integers: exact)."""
+    return jax.lax.scan(lambda c, row: (c + row, c + row), jnp.zeros_like(x[0]), x)[1]
+
+
+def _children(parent, small, left_small, has_parent):
+    """Both children's histograms [b, F, k, 2 * parents, 2] from the parents' and their
+    smaller children's; the other child is parent - smaller (0 for the root's "parent")."""
+    big = jnp.where(has_parent, parent - small, 0)
+    ls = left_small[None, None, :, :, None]
+    pair = jnp.stack([jnp.where(ls, small, big), jnp.where(ls, big, small)], axis=4)
+    return pair.reshape(*small.shape[:3], -1, 2)
 
 
 def _row_softmax(z: jax.Array) -> jax.Array:

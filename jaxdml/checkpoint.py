@@ -104,14 +104,17 @@ class Tier:
 
     Args:
       directory: the tier's folder.
-      set_aside: where invalid steps are moved (kept for inspection).
+      set_aside: where invalid steps are moved (kept for inspection); default: the folder
+        beside `directory` with "_set_aside" appended.
       on_event: callback(kind, step, **fields) for events.jsonl.
       primary: this process seals and sets aside (a shared tier has one primary).
     """
 
-    def __init__(self, directory: str, set_aside: str, on_event=None, primary: bool = True):
+    def __init__(
+        self, directory: str, set_aside: str | None = None, on_event=None, primary: bool = True
+    ):
         self.directory = os.path.abspath(directory)
-        self.set_aside_dir = set_aside
+        self.set_aside_dir = set_aside or self.directory.rstrip(os.sep) + "_set_aside"
         self._on_event = on_event or (lambda *a, **k: None)
         self._primary = primary
         self.failed_saves = 0
@@ -345,7 +348,7 @@ class Checkpointer(Tier):
     def __init__(
         self,
         directory: str,
-        set_aside: str,
+        set_aside: str | None = None,
         max_to_keep: int = 3,
         keep_period: int = 0,
         async_save: bool = True,

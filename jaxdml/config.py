@@ -74,6 +74,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.momentum = 0.9  # momentum optimizer
     c.train.eval_every = 0  # evaluate on the test split every k steps (0: only at the end)
     c.train.log_every = 50  # log progress (steps/s, loss) every k steps
+    # metrics stay on the devices and are fetched in one transfer every k finished steps
+    # (and when the loop ends or fails): the loop never waits for the host at each step
+    c.train.fetch_every = 25
     c.train.dispatch_depth = 2  # steps in flight at most (unbounded depth deadlocks on CPU)
     c.train.donate = False  # donate the state buffers (False keeps the input alive for recovery)
     c.train.tensorboard = False  # also write TensorBoard events (needs the tensorboard extra)
@@ -224,6 +227,7 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "train.eval_every": _int_at_least(0),
     "train.log_every": _int_at_least(1),
     "train.dispatch_depth": _int_at_least(1),
+    "train.fetch_every": _int_at_least(1),
     "train.donate": _bool,
     "train.tensorboard": _bool,
     "checkpoint.every_steps": _int_at_least(0),

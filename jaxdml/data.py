@@ -530,10 +530,16 @@ class GlobalBatcher:
         """Global sample indices of the batch at `position`, and the position after it."""
         epoch, index = int(position["epoch"]), int(position["index"])
         idx = self.permutation(epoch)[index : index + self.batch_size]
-        index += len(idx)
+        return idx, self.after(position)
+
+    def after(self, position: dict) -> dict[str, np.ndarray]:
+        """The position after the batch at `position` (host ints; `advance` is the same
+        rule on the device)."""
+        epoch, index = int(position["epoch"]), int(position["index"])
+        index += min(self.batch_size, self.n - index)
         if index >= self.n:
             epoch, index = epoch + 1, 0
-        return idx, {"epoch": np.int32(epoch), "index": np.int32(index)}
+        return {"epoch": np.int32(epoch), "index": np.int32(index)}
 
     def shard_layout(self, idx: np.ndarray, num_shards: int) -> tuple[np.ndarray, np.ndarray]:
         """Splits batch indices into `num_shards` equal contiguous slices, padding the tail.
@@ -550,11 +556,24 @@ class GlobalBatcher:
         weights[: len(idx)] = 1.0
         return padded, weights
 
+    def advance(self, position: dict) -> dict:
+        """The position after the batch at `position`, as jnp arithmetic: the step computes
+        the state's next data position on the device (the same rule as `indices`), so no
+        position travels from the host at each step."""
+        import jax.numpy as jnp
+
+        index = position["index"] + jnp.minimum(self.batch_size, self.n - position["index"])
+        wrap = index >= self.n
+        return {
+            "epoch": (position["epoch"] + wrap).astype(jnp.int32),
+            "index": jnp.where(wrap, 0, index).astype(jnp.int32),
+        }
+
     def next(self, position: dict, mesh: Mesh) -> tuple[dict[str, jax.Array], dict]:
         """The batch at `position`, placed on `mesh` sharded along 'data'.
 
         Returns:
-          (batch with x, y, w and the position after it, the position after it).
+          (batch with x, y, w; the position after it, on the host).
         """
         if self.full_batch:
             key = tuple(d.id for d in mesh.devices.flat)
@@ -562,11 +581,10 @@ class GlobalBatcher:
                 idx, _ = self.indices(position)
                 self._device_cache = {key: self._place(idx, mesh)}
             batch = dict(self._device_cache[key])
-            _, after = self.indices(position)
+            after = self.after(position)
         else:
             idx, after = self.indices(position)
             batch = self._place(idx, mesh)
-        batch["pos"] = after
         return batch, after
 
     def _place(self, idx: np.ndarray, mesh: Mesh) -> dict[str, jax.Array]:

@@ -42,7 +42,9 @@ class MemoryTier(Tier):
       max_to_keep: newest steps kept.
     """
 
-    def __init__(self, directory: str, set_aside: str, max_to_keep: int = 2, on_event=None):
+    def __init__(
+        self, directory: str, set_aside: str | None = None, max_to_keep: int = 2, on_event=None
+    ):
         super().__init__(directory, set_aside, on_event, primary=True)
         self.max_to_keep = max_to_keep
         os.makedirs(self.directory, exist_ok=True)

@@ -44,7 +44,12 @@ class JsonlWriter:
         self._f = open(path, "a")  # noqa: SIM115 (kept open for the run)
 
     def write(self, row: dict) -> None:
-        self._f.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
+        self.write_rows([row])
+
+    def write_rows(self, rows: list[dict]) -> None:
+        """Appends the rows with one write and one flush."""
+        lines = [json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n" for row in rows]
+        self._f.write("".join(lines))
         self._f.flush()
 
     def close(self) -> None:
@@ -81,9 +86,11 @@ class MetricsWriter(JsonlWriter):
             f.writelines(json.dumps(r) + "\n" for r in kept)
         self._f = open(self.path, "a")  # noqa: SIM115
 
-    def write(self, row: dict) -> None:
-        super().write(row)
-        if self._tb is not None:
+    def write_rows(self, rows: list[dict]) -> None:
+        super().write_rows(rows)
+        if self._tb is None:
+            return
+        for row in rows:
             step = int(row["step"])
             for k, v in row.items():
                 if k not in ("step", "time") and isinstance(v, int | float | np.number):

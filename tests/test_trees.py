@@ -231,7 +231,7 @@ def test_a_rebuilt_step_mid_training_grows_the_same_trees(tmp_path):
 def test_kept_margins_are_not_used_for_a_replaced_state(tmp_path):
     trainer = Trainer(gbdt.get_config("smoke"), str(tmp_path), devices=jax.devices()[:2])
     batch, _ = trainer.batcher.next({"epoch": 0, "index": 0}, trainer.mesh)
-    step = make_tree_step(trainer.model, trainer.mesh)
+    step = make_tree_step(trainer.model, trainer.mesh, trainer.batcher.advance)
     s0 = trainer.state
     s1, _ = step(s0, batch)
     s2, _ = step(s1, batch)
@@ -248,7 +248,7 @@ def test_kept_margins_are_not_used_for_a_replaced_state(tmp_path):
     # Continuing from a state whose trees were changed in place of the kept one (as the
     # bitflip fault does) must not reuse margins computed from the old trees.
     flipped = again2.replace(params={**again2.params, "leaf": again2.params["leaf"] * 2.0})
-    fresh = make_tree_step(trainer.model, trainer.mesh)
+    fresh = make_tree_step(trainer.model, trainer.mesh, trainer.batcher.advance)
     got, _ = step(flipped, batch)
     want, _ = fresh(flipped, batch)
     assert step.reused == 1

@@ -7,7 +7,13 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from jaxdml.models.base import BoostedModel, GradientModel, check_model, is_boosted
+from jaxdml.models.base import (
+    BoostedModel,
+    GradientModel,
+    check_model,
+    is_boosted,
+    loss_and_predictions,
+)
 from jaxdml.models.linear import LinearModel
 from jaxdml.models.mlp import mlp_classifier
 from jaxdml.models.trees import GBDTModel, quantile_bin_edges
@@ -68,6 +74,7 @@ __all__ = [
     "build_model",
     "check_model",
     "is_boosted",
+    "loss_and_predictions",
     "model_inputs",
     "num_steps",
 ]

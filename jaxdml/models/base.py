@@ -57,6 +57,16 @@ class BoostedModel(Protocol):
         """Predicted labels [n] int32 from raw features."""
 
 
+def loss_and_predictions(model: Any, params: Params, x: jax.Array, y: jax.Array):
+    """(per-sample losses [n], predicted labels [n]) of a gradient-trained model, from one
+    forward pass when the model offers `loss_and_predictions` (the step's batch accuracy
+    then costs nothing), else from `per_sample_loss` and `predict`."""
+    both = getattr(model, "loss_and_predictions", None)
+    if both is not None:
+        return both(params, x, y)
+    return model.per_sample_loss(params, x, y), model.predict(params, x)
+
+
 def is_boosted(model: Any) -> bool:
     """True for a tree ensemble grown round by round, False for a gradient-trained model."""
     return isinstance(model, BoostedModel)

@@ -57,7 +57,14 @@ class LinearModel:
 
     def per_sample_loss(self, params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
         """Unweighted loss of each row [n]."""
+        return self._loss_of_scores(self.scores(params, x), y)
+
+    def loss_and_predictions(self, params: Params, x: jax.Array, y: jax.Array):
+        """(per_sample_loss, predict) from one computation of the scores."""
         z = self.scores(params, x)
+        return self._loss_of_scores(z, y), self._labels(z)
+
+    def _loss_of_scores(self, z: jax.Array, y: jax.Array) -> jax.Array:
         if self.loss == "logistic":
             if self.multinomial:
                 return jax.nn.logsumexp(z, axis=-1) - jnp.take_along_axis(z, y[:, None], -1)[:, 0]
@@ -78,7 +85,9 @@ class LinearModel:
 
     def predict(self, params: Params, x: jax.Array) -> jax.Array:
         """Predicted labels [n] int32."""
-        z = self.scores(params, x)
+        return self._labels(self.scores(params, x))
+
+    def _labels(self, z: jax.Array) -> jax.Array:
         if self.multinomial:
             return jnp.argmax(z, axis=-1).astype(jnp.int32)
         return (z[:, 0] > 0).astype(jnp.int32)

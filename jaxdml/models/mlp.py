@@ -69,6 +69,12 @@ class FlaxModel:
         z = self.scores(params, x)
         return jax.nn.logsumexp(z, axis=-1) - jnp.take_along_axis(z, y[:, None], -1)[:, 0]
 
+    def loss_and_predictions(self, params: Params, x: jax.Array, y: jax.Array):
+        """(per_sample_loss, predict) from one forward pass."""
+        z = self.scores(params, x)
+        loss = jax.nn.logsumexp(z, axis=-1) - jnp.take_along_axis(z, y[:, None], -1)[:, 0]
+        return loss, jnp.argmax(z, axis=-1).astype(jnp.int32)
+
     def regularizer(self, params: Params) -> jax.Array:
         """l2/2 * the squared norm of every 'kernel' leaf."""
         leaves = jax.tree_util.tree_flatten_with_path(params)[0]

@@ -14,8 +14,8 @@ from jax.sharding import Mesh
 
 from jaxdml.data import GlobalBatcher
 from jaxdml.training.hooks import Hook, StepInfo
-from jaxdml.training.state import TrainState, to_host
-from jaxdml.training.step_common import StepFn
+from jaxdml.training.state import TrainState, fetch
+from jaxdml.training.step_common import StepFn, unpack_metrics
 
 # transaction(end_step) -> a context manager around one span: the span's steps are
 # dispatched and finished inside it, and it either completes on every process or raises
@@ -82,8 +82,8 @@ class Loop:
     def run(self, state: TrainState) -> TrainState:
         """Trains until `num_steps` or until a hook asks to stop; returns the state of the
         last step, with every dispatched step finished and its metrics delivered."""
-        step = int(to_host(state.step))
-        pos = to_host(state.data_pos)
+        step, pos = fetch((state.step, state.data_pos))
+        step = int(step)
         self.last_good = (step, state)
         t0 = self._last_finish = self.clock()
         try:
@@ -180,7 +180,7 @@ class Loop:
         self._host += self.clock() - t0
         return stop
 
-    def _finish(self, step: int, state: TrainState, metrics: dict, commit: bool = True) -> None:
+    def _finish(self, step: int, state: TrainState, metrics, commit: bool = True) -> None:
         """Waits for a step (nothing is read back) and queues its metrics."""
         jax.block_until_ready(metrics)
         now = self.clock()
@@ -196,10 +196,9 @@ class Loop:
         if not self._finished:
             return
         finished, self._finished = self._finished, []
-        # to_host, not jax.device_get: it reads arrays that span several processes.
-        values = to_host([item[1] for item in finished])
+        values = fetch([item[1] for item in finished])
         rows = [
-            {"step": step, **{k: v.item() for k, v in host.items()}, "seconds": secs,
+            {"step": step, **unpack_metrics(host), "seconds": secs,
              "host_seconds": hook, "time": t}
             for (step, _, secs, hook, t), host in zip(finished, values, strict=True)
         ]  # fmt: skip

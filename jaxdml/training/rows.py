@@ -37,8 +37,8 @@ class WriteRows(Hook):
         self.last_row: dict = {}
 
     def on_metrics(self, rows: list[dict]) -> None:
+        self.metrics.write_rows(rows)
         for row in rows:
-            self.metrics.write(row)
             if row["step"] % self.every == 0:
                 logging.info(
                     "step %d  loss %.5f  grad_norm %.3g", row["step"], row["loss"], row["grad_norm"]

@@ -76,6 +76,15 @@ def to_host(tree: Any, device_index: int = 0) -> Any:
     return jax.tree.map(one, tree)
 
 
+def fetch(tree: Any) -> Any:
+    """Host numpy copies of a pytree of replicated arrays in one batched transfer: every
+    leaf's local replica is read at once (`jax.device_get` of single-device arrays), which
+    also works when the arrays span several processes. The loop's bulk metrics fetch."""
+    leaves, treedef = jax.tree.flatten(tree)
+    local = [x.addressable_data(0) if isinstance(x, jax.Array) else x for x in leaves]
+    return jax.tree.unflatten(treedef, [np.asarray(v) for v in jax.device_get(local)])
+
+
 def from_replica(tree: Any, mesh: Mesh, source: jax.Device | None = None) -> Any:
     """Re-replicates a replicated pytree over `mesh` from replicas that still exist.
 

@@ -14,22 +14,25 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxdml.mesh import DATA_AXIS, replicated
+from jaxdml.models import loss_and_predictions
 from jaxdml.training.state import TrainState
-from jaxdml.training.step_common import StepFn, all_finite, step_metrics
+from jaxdml.training.step_common import Advance, StepFn, all_finite, step_metrics
 
 
 def local_sums(model: Any, params: Any, x: jax.Array, y: jax.Array, w: jax.Array) -> dict:
-    """This shard's weighted loss sum, gradient sum, weight sum and correct count."""
+    """This shard's weighted loss sum, gradient sum, weight sum and correct count (the
+    predictions come from the loss's own forward pass where the model offers it)."""
 
     def weighted_loss(p):
-        return jnp.sum(w * model.per_sample_loss(p, x, y))
+        losses, predicted = loss_and_predictions(model, p, x, y)
+        return jnp.sum(w * losses), jnp.sum(w * (predicted == y))
 
-    loss_sum, grad_sum = jax.value_and_grad(weighted_loss)(params)
-    correct = jnp.sum(w * (model.predict(params, x) == y))
+    (loss_sum, correct), grad_sum = jax.value_and_grad(weighted_loss, has_aux=True)(params)
     return {"loss": loss_sum, "grad": grad_sum, "weight": jnp.sum(w), "correct": correct}
 
 
@@ -39,16 +42,23 @@ def aggregated_sums(model: Any, mesh: Mesh) -> Callable:
     def per_shard(params, x, y, w):
         # Mark the replicated params as per-device values: the gradient is then this
         # shard's own sum (no implicit psum from differentiating a replicated input),
-        # and the one explicit psum below aggregates it.
+        # and the one explicit psum below aggregates it. One psum of one flat vector:
+        # on CPU every collective is a rendezvous of the device threads, and one per
+        # leaf cost as much as the rest of a small step (2.0 -> 1.1 ms, 8k x 20, 4 devices).
         params = jax.lax.pcast(params, DATA_AXIS, to="varying")
-        return jax.lax.psum(local_sums(model, params, x, y, w), DATA_AXIS)
+        flat, unravel = ravel_pytree(local_sums(model, params, x, y, w))
+        return unravel(jax.lax.psum(flat, DATA_AXIS))
 
     data = P(DATA_AXIS)
     return jax.shard_map(per_shard, mesh=mesh, in_specs=(P(), data, data, data), out_specs=P())
 
 
 def make_gradient_step(
-    model: Any, optimizer: optax.GradientTransformation, mesh: Mesh, donate: bool = False
+    model: Any,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    advance: Advance,
+    donate: bool = False,
 ) -> StepFn:
     """The jitted step for gradient-trained models.
 
@@ -67,14 +77,15 @@ def make_gradient_step(
         params = optax.apply_updates(state.params, updates)
         ok = jnp.isfinite(loss) & all_finite(grads)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        pos = advance(state.data_pos)
         new_state = state.replace(
             step=state.step + 1,
             params=keep(params, state.params),
             opt_state=keep(opt_state, state.opt_state),
-            data_pos=batch["pos"],
+            data_pos=pos,
         )
         metrics = step_metrics(
-            sums, batch, loss, ok, optax.tree.norm(grads), optax.tree.norm(new_state.params)
+            sums, pos, loss, ok, optax.tree.norm(grads), optax.tree.norm(new_state.params)
         )
         return new_state, metrics
 

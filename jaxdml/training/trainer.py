@@ -153,12 +153,14 @@ class Trainer:
     def set_devices(self, devices: Sequence[jax.Device]) -> None:
         """(Re)builds the mesh over `devices` and the step compiled for it."""
         self.mesh = mesh_lib.make_mesh(devices)
-        donate = self.config.train.donate
+        donate, advance = self.config.train.donate, self.batcher.advance
         if is_boosted(self.model):
-            self.step_fn: StepFn = make_tree_step(self.model, self.mesh, donate)
+            self.step_fn: StepFn = make_tree_step(self.model, self.mesh, advance, donate)
         else:
-            self.step_fn = make_gradient_step(self.model, self.optimizer, self.mesh, donate)
-        self.skip_fn: StepFn = make_skip_step(self.mesh)
+            self.step_fn = make_gradient_step(
+                self.model, self.optimizer, self.mesh, advance, donate
+            )
+        self.skip_fn: StepFn = make_skip_step(self.mesh, advance)
         self._warm = False
 
     def restore_or_init(self) -> TrainState:
@@ -261,6 +263,7 @@ class Trainer:
             num_steps,
             hooks=hooks,
             dispatch_depth=self.config.train.dispatch_depth,
+            fetch_every=self.config.train.fetch_every,
             skip_fn=self.skip_fn,
             skip_steps=frozenset(self.skip_steps),
             transaction=spans,

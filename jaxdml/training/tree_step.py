@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 from jaxdml.mesh import DATA_AXIS, data_sharded, replicated
 from jaxdml.models.trees import Collectives
 from jaxdml.training.state import TrainState, to_host
-from jaxdml.training.step_common import StepFn, all_finite, step_metrics
+from jaxdml.training.step_common import Advance, StepFn, all_finite, step_metrics
 
 
 def _psum(tree: Any) -> Any:
@@ -119,11 +119,11 @@ class TreeStep:
     round 0, whose margins are the base, never needs it).
     """
 
-    def __init__(self, model: Any, mesh: Mesh, donate: bool = False):
+    def __init__(self, model: Any, mesh: Mesh, advance: Advance, donate: bool = False):
         self.model, self.mesh = model, mesh
         self._kept: _Kept | None = None
         self.reused = 0  # calls that continued from kept margins (for tests and benchmarks)
-        self._round = _jitted_round(model, mesh, donate)
+        self._round = _jitted_round(model, mesh, advance, donate)
         self._recompute = _jitted_margins(model, mesh)
 
     def __call__(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -153,14 +153,14 @@ def _known_zero(step: Any) -> bool:
     return int(to_host(step)) == 0
 
 
-def make_tree_step(model: Any, mesh: Mesh, donate: bool = False) -> StepFn:
+def make_tree_step(model: Any, mesh: Mesh, advance: Advance, donate: bool = False) -> StepFn:
     """The boosting step: state.step is the round grown, batch['x'] the binned rows.
 
     The batch must hold the model's encoding of the rows (`model.encode`, uint8 bins).
     A non-finite loss or tree skips the round: the trees are kept, the step and the
     data position advance (that round's slot stays empty) and metrics['skipped'] is 1.
     """
-    return TreeStep(model, mesh, donate)
+    return TreeStep(model, mesh, advance, donate)
 
 
 def _jitted_margins(model: Any, mesh: Mesh):
@@ -178,7 +178,7 @@ def _jitted_margins(model: Any, mesh: Mesh):
     return jax.jit(recompute)
 
 
-def _jitted_round(model: Any, mesh: Mesh, donate: bool):
+def _jitted_round(model: Any, mesh: Mesh, advance: Advance, donate: bool):
     """jit of (state, batch, margins before the round) -> (state, metrics, margins after)."""
     reduce = across_data(mesh)
 
@@ -205,9 +205,10 @@ def _jitted_round(model: Any, mesh: Mesh, donate: bool):
         )
         params = model.place_round(state.params, state.step, grown)
         margins = _margins_after(state.step, params["base"], margins, jnp.where(ok, delta, 0.0))
-        new_state = state.replace(step=state.step + 1, params=params, data_pos=batch["pos"])
+        pos = advance(state.data_pos)
+        new_state = state.replace(step=state.step + 1, params=params, data_pos=pos)
         grad_norm = jnp.sqrt(sums["grad_sq"]) / sums["weight"]
-        metrics = step_metrics(sums, batch, loss, ok, grad_norm, jnp.linalg.norm(params["leaf"]))
+        metrics = step_metrics(sums, pos, loss, ok, grad_norm, jnp.linalg.norm(params["leaf"]))
         return new_state, metrics, margins
 
     rep = replicated(mesh)

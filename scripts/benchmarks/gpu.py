@@ -89,7 +89,8 @@ def _gpu_step(device, rows: int, features: int, bandwidth: dict) -> dict:
 
     mesh = make_mesh([device])
     model, opt = LinearModel(features, 2), optax.sgd(0.1)
-    step = make_gradient_step(model, opt, mesh, donate=True)
+    full_batch = lambda pos: {"epoch": pos["epoch"] + 1, "index": pos["index"]}  # noqa: E731
+    step = make_gradient_step(model, opt, mesh, full_batch, donate=True)
     state = init_state(model, opt, 0, mesh)
     k1, k2 = jax.random.split(jax.random.PRNGKey(0))
     sharded = data_sharded(mesh)
@@ -98,7 +99,7 @@ def _gpu_step(device, rows: int, features: int, bandwidth: dict) -> dict:
         lambda k: jax.random.bernoulli(k, 0.5, (rows,)).astype(jnp.int32), out_shardings=sharded
     )(k2)
     w = jax.device_put(jnp.ones((rows,), jnp.float32), sharded)
-    batch = {"x": x, "y": y, "w": w, "pos": {"epoch": jnp.int32(1), "index": jnp.int32(0)}}
+    batch = {"x": x, "y": y, "w": w}
     for _ in range(3):
         state, metrics = step(state, batch)
     jax.block_until_ready(metrics)

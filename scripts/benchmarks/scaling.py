@@ -70,8 +70,8 @@ def scaling_point(rows: int, num_devices: int, seconds: float) -> dict:
     rss_start = _rss_bytes()  # JAX started, no data yet
     x, y = _float32_problem(rows)
     model, opt = LinearModel(FEATURES, 2), optax.sgd(0.1)
-    step = make_gradient_step(model, opt, mesh)
     batcher = GlobalBatcher(x, y, None, 0)
+    step = make_gradient_step(model, opt, mesh, batcher.advance)
 
     def run(state, until: int):
         loop = Loop(step, batcher, mesh, until)

@@ -1,0 +1,76 @@
+"""The hot path: the loop reads metrics back in bulk, and every step is logged once."""
+
+import jax
+import pytest
+
+from configs import seed_logreg
+from jaxdml.metrics import read_jsonl
+from jaxdml.training import loop as loop_module
+from jaxdml.training import state as state_module
+from jaxdml.training.hooks import Hook
+from jaxdml.training.loop import Loop
+from jaxdml.training.trainer import Trainer
+
+STEPS = 100
+
+
+class Rows(Hook):
+    def __init__(self):
+        self.rows = []
+
+    def on_metrics(self, rows):
+        self.rows += rows
+
+
+def counted_loop(trainer, monkeypatch, fetch_every):
+    """A Loop over the trainer's step whose device-to-host reads are counted: every read
+    goes through `fetch` (counted); the per-leaf `to_host` path raises if used."""
+    reads = []
+    real = loop_module.fetch
+
+    def fetch(tree):
+        reads.append(len(jax.tree.leaves(tree)))
+        return real(tree)
+
+    def forbidden(tree, device_index=0):
+        raise AssertionError("the loop read a value back outside its bulk fetch")
+
+    monkeypatch.setattr(loop_module, "fetch", fetch)
+    monkeypatch.setattr(state_module, "to_host", forbidden)
+    rows = Rows()
+    loop = Loop(
+        trainer.step_fn, trainer.batcher, trainer.mesh, STEPS, hooks=[rows],
+        fetch_every=fetch_every,
+    )  # fmt: skip
+    return loop, rows, reads
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    config = seed_logreg.get_config()
+    config.train.num_steps = STEPS
+    return Trainer(config, str(tmp_path_factory.mktemp("run")), devices=jax.devices()[:4])
+
+
+@pytest.mark.parametrize("fetch_every", [25, 1])
+def test_the_loop_reads_metrics_back_once_per_fetch_period(trainer, monkeypatch, fetch_every):
+    loop, rows, reads = counted_loop(trainer, monkeypatch, fetch_every)
+    loop.run(trainer.state)
+    # One read of the start (step, data position), then one per fetch period: with the
+    # default period, 4 reads for 100 steps, not 100.
+    assert len(reads) == 1 + STEPS // fetch_every
+    assert [r["step"] for r in rows.rows] == list(range(1, STEPS + 1))
+    # Each read is the period's steps, one packed metrics vector each.
+    assert reads[1:] == [fetch_every] * (STEPS // fetch_every)
+    assert {"loss", "batch_accuracy", "skipped", "epoch"} <= set(rows.rows[0])
+    assert isinstance(rows.rows[0]["skipped"], int) and rows.rows[-1]["loss"] > 0
+
+
+def test_a_fit_logs_every_step_exactly_once_with_bulk_fetching(tmp_path):
+    config = seed_logreg.get_config()
+    config.train.num_steps = 110  # not a multiple of the period: the tail is delivered too
+    config.train.fetch_every = 25
+    config.checkpoint.every_steps = 50
+    Trainer(config, str(tmp_path), devices=jax.devices()[:4]).fit()
+    steps = [r["step"] for r in read_jsonl(str(tmp_path / "metrics.jsonl"))]
+    assert steps == list(range(1, 111))

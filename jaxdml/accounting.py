@@ -26,8 +26,8 @@ class Accounting(Hook):
       clock: monotonic clock (injectable for tests).
     """
 
-    def __init__(self, events: EventLog, clock: Callable[[], float] = time.monotonic):
-        self.events, self.clock = events, clock
+    def __init__(self, events: EventLog, goodput=None, clock: Callable[[], float] = time.monotonic):
+        self.events, self.clock, self.goodput = events, clock, goodput
         self.recoveries: list[dict] = []  # one per recovery, as written to events.jsonl
         self.step_seconds: dict[int, float] = {}  # latest execution time of each step
         self.last_progress = clock()  # when the newest step was dispatched
@@ -62,7 +62,9 @@ class Accounting(Hook):
             self.step_seconds[row["step"]] = row["seconds"]
             self.device_seconds[row["step"]] = max(0.0, row["seconds"] - row["host_seconds"])
         if self._pending is not None:
-            self._close_recovery(rows[0]["step"])
+            self._close_recovery(rows[0])
+        if self.goodput is not None:
+            self.goodput.steps(rows)
 
     def begin_recovery(self, recovery: dict) -> None:
         """A recovery was made (kind, step, devices, action, steps_redone, `detected`: the
@@ -73,10 +75,15 @@ class Accounting(Hook):
         recovery["detect_seconds"] = max(0.0, recovery["detected"] - self.last_progress)
         self._pending = recovery
 
-    def _close_recovery(self, step: int) -> None:
-        p, self._pending = self._pending, None
-        p["recover_seconds"] = self.clock() - p.pop("detected")
+    def _close_recovery(self, row: dict) -> None:
+        """The recovery ends when its first step finished (the row's own wall time: rows
+        arrive in bulk, later)."""
+        p, self._pending, step = self._pending, None, row["step"]
+        finished = self.clock() - max(0.0, time.time() - row["time"])
+        p["recover_seconds"] = max(0.0, finished - p.pop("detected"))
         seconds = p["recover_seconds"] + p["detect_seconds"]
+        if self.goodput is not None:
+            self.goodput.span("recovery", seconds)
         # This step's time (recompilation for the new mesh) is in seconds_lost already;
         # count a typical step's worth of it as productive.
         others = [t for s, t in self.step_seconds.items() if s != step]

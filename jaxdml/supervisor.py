@@ -159,7 +159,10 @@ class Supervisor:
         return {"step": step, "devices": lost, "action": action, "steps_redone": 0}
 
     def _rollback(self, error: RollbackNeeded, target: Recoverable) -> dict:
-        """Repeated NaN/spikes: newest valid checkpoint, offending batches set aside."""
+        """Repeated NaN/spikes: newest valid checkpoint, offending batches set aside. The
+        steps redone are all that finished past it (metrics arrive in bulk: the loop may
+        be past the step that tripped the guard)."""
+        reached = max(target.finished_step, error.step)
         to = target.rollback(set_aside_batches=error.steps)
         self.guard.reset()
         action = f"rolled back to checkpoint step {to}; batches of steps {error.steps} set aside"
@@ -167,7 +170,7 @@ class Supervisor:
             "step": error.step,
             "devices": [],
             "action": action,
-            "steps_redone": error.step - to,
+            "steps_redone": max(0, reached - to),
             "restored_step": to,
         }
 

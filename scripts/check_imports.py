@@ -26,7 +26,7 @@ LAYERS = [
     ["jaxdml.training.tiers"],
     ["jaxdml.memory_tier"],
     ["jaxdml.training.state", "jaxdml.training.hooks", "jaxdml.checkpoint", "jaxdml.training.rows"],
-    ["jaxdml.distributed", "jaxdml.plots"],
+    ["jaxdml.distributed", "jaxdml.plots", "jaxdml.goodput"],
     ["jaxdml.data", "jaxdml.cli"],
     ["jaxdml.config", "jaxdml.metrics"],
     ["jaxdml.models", "jaxdml.faults", "jaxdml.mesh", "jaxdml.mapped", "jaxdml.training.__init__"],

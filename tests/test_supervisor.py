@@ -77,7 +77,9 @@ def test_five_nan_steps_roll_back_to_the_last_checkpoint(tmp_path):
     assert len(rollbacks) == 1
     assert rollbacks[0]["restored_step"] == 40 and rollbacks[0]["step"] == 48
     assert "set aside" in rollbacks[0]["action"]
-    assert result["lost_steps"] == 8
+    # Steps 41.. that finished before the rollback: at least to the step that tripped
+    # the guard, at most a fetch period past it (metrics are read back in bulk).
+    assert 8 <= result["lost_steps"] == rollbacks[0]["steps_redone"] <= 8 + config.train.fetch_every
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 81))
     assert [r["step"] for r in rows if r["set_aside"]] == [46, 47, 48]

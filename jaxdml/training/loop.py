@@ -202,5 +202,13 @@ class Loop:
              "host_seconds": hook, "time": t}
             for (step, _, secs, hook, t), host in zip(finished, values, strict=True)
         ]  # fmt: skip
+        # Every hook sees every row, also when one of them raises (the guard asking for a
+        # rollback): the first error is raised once all have seen the rows.
+        error = None
         for hook in self.hooks:
-            hook.on_metrics(rows)
+            try:
+                hook.on_metrics(rows)
+            except Exception as e:  # noqa: BLE001 -- re-raised below
+                error = error or e
+        if error is not None:
+            raise error

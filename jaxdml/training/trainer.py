@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from jaxdml import distributed, liveness
+from jaxdml import distributed, goodput, liveness
 from jaxdml import mesh as mesh_lib
 from jaxdml.accounting import Accounting
 from jaxdml.checkpoint import NoValidCheckpoint, identity
@@ -30,6 +30,7 @@ from jaxdml.data import Dataset, GlobalBatcher, load_dataset
 from jaxdml.faults import inject
 from jaxdml.faults.detect import StopSignals, Watchdog
 from jaxdml.faults.errors import GaveUp
+from jaxdml.goodput import GoodputLog
 from jaxdml.metrics import EventLog, MetricsWriter, write_json
 from jaxdml.models import build_model, check_model, is_boosted, model_inputs, num_steps
 from jaxdml.supervisor import Supervisor
@@ -102,6 +103,7 @@ class Trainer:
         records = workdir if distributed.is_coordinator() else _process_dir(workdir)
         self.metrics = MetricsWriter(records, config.train.tensorboard)
         self.events = EventLog(records, tensorboard=self.metrics.tensorboard)
+        self.goodput = GoodputLog(records)  # the job's goodput record, across restarts
         self.tiers = Tiers(config, workdir, self.events.record)
         self.tiers.verify.every = config.supervisor.fingerprint_every
         faults = inject.parse(config.faults)
@@ -117,7 +119,7 @@ class Trainer:
         if supervisor is None and config.supervisor.enabled:
             supervisor = Supervisor(config)
         self.supervisor = supervisor
-        self.accounting = Accounting(self.events)
+        self.accounting = Accounting(self.events, self.goodput)
         self.user_hooks = list(hooks)
         self._rows = WriteRows(self.metrics, config.train.log_every)
         self.set_devices(devices)
@@ -186,6 +188,9 @@ class Trainer:
             logging.warning("%s; starting from scratch (resume=auto_or_scratch)", e)
             return self._fresh_state()
         step = int(to_host(state.step))
+        self.goodput.span("restore", time.perf_counter() - t0)
+        if step:  # (a fresh state recorded its own)
+            self.goodput.resume(step)
         if step:
             self.record(
                 "resumed",
@@ -211,16 +216,21 @@ class Trainer:
 
     def _fresh_state(self) -> TrainState:
         self.metrics.truncate_after(0)  # rows of an earlier, unsaved attempt
+        self.goodput.resume(0)
         return init_state(self.model, self.optimizer, self.config.seed, self.mesh)
 
     def save_checkpoint(self, step: int, state: TrainState, tier: str = PERSISTENT, wait=False):
-        """Saves `state` in one tier (async unless `wait`), with the meta that validates it."""
+        """Saves `state` in one tier (async unless `wait`), with the meta that validates it.
+        The time it blocks is goodput's `checkpoint` (a periodic save's is inside the
+        loop's host work)."""
+        t0 = time.perf_counter()
         meta = {
             **self.problem,
             "num_devices": int(self.mesh.devices.size),
             "jaxdml_version": VERSION,
         }
         self.tiers.save(tier, step, state, meta, self.mesh, wait=wait)
+        self.goodput.span("checkpoint", time.perf_counter() - t0, in_loop=not wait)
 
     def _save_verified(self, step: int, memory: bool = True) -> None:
         """A synchronous save (persistent tier, and the memory tier when a restart may
@@ -245,8 +255,10 @@ class Trainer:
             save = lambda tier, step, state: self.save_checkpoint(step, state, tier)  # noqa: E731
             hooks += self.tiers.hooks(save, self.agreement.decider)
         hooks += [EvalRows(self.evaluate, self.config.train.eval_every), self._rows]
+        if checkpoints:  # fit(): goodput and step accounting, supervised or not
+            hooks.append(self.accounting)
         if supervised:
-            hooks += [self.accounting, *self.supervisor.hooks(self), Pet(self._watch)]
+            hooks += [*self.supervisor.hooks(self), Pet(self._watch)]
         if stop_when is not None:
             hooks.append(StopWhen(stop_when))
         return hooks + self.user_hooks
@@ -277,6 +289,7 @@ class Trainer:
         collective timeout."""
         if self._warm:
             return
+        t0 = time.perf_counter()
         with self._watch.allow(self.config.distributed.initialization_timeout_secs):
             batch, _ = self.batcher.next(to_host(self.state.data_pos), self.mesh)
             for fn in (self.step_fn, self.skip_fn):
@@ -289,6 +302,7 @@ class Trainer:
                 sorted({int(d.process_index) for d in self.devices}),
             )
         self._warm = True
+        self.goodput.span("compile", time.perf_counter() - t0)
 
     def run_steps(self, n: int) -> dict:
         """Advances `n` steps with the plain loop (no supervisor, no periodic checkpoints).
@@ -339,6 +353,7 @@ class Trainer:
         supervised = self.supervisor is not None
         stop = lambda step: self.agreement.decide("stop", signals.requested, anyone=True)  # noqa: E731
         self.accounting.start()
+        self.goodput.started()
         while True:
             hooks = self._hooks(checkpoints=True, supervised=supervised, stop_when=stop)
             try:
@@ -353,6 +368,7 @@ class Trainer:
                     raise
                 recovery = self.supervisor.recover(error, self)
                 self.accounting.begin_recovery(recovery)
+                self.goodput.resume(int(to_host(self.state.step)))
                 self.accounting.loop_started()
                 self._watch.pet()
         self.accounting.stop()
@@ -458,6 +474,7 @@ class Trainer:
         self.tiers.close()
         self.metrics.close()
         self.events.close()
+        self.goodput.close()
 
     def _write_report(self, report: dict) -> None:
         """report.json (the supervisor gave up): why, where, and the accounting so far."""
@@ -485,6 +502,9 @@ class Trainer:
             "data": self.dataset.name,
         }
         result.update(extra or {})
+        job = goodput.summarize(goodput.read(self.workdir)) if distributed.is_coordinator() else {}
+        result.update({k: job[k] for k in ("job_goodput", "job_wall_seconds")} if job else {})
+        result["badput"] = job.get("fractions", {})
         result["checkpoint_saves"] = self.tiers.persistent.saves
         result["checkpoint_failed_saves"] = self.tiers.persistent.failed_saves
         if distributed.is_coordinator():

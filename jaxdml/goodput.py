@@ -1,0 +1,200 @@
+"""Job-level goodput: where the wall time of a whole job went, across restarts.
+
+Every process life appends its intervals to one log in the run folder (goodput.jsonl;
+process 0's is the job record, other processes keep theirs in their process folder):
+
+  {"kind": "life", "t": start of the process}           a new process life began
+  {"kind": "span", "category": C, "t": end, "seconds"}  time spent in category C
+  {"kind": "steps", "first", "last", "seconds": [...], "host", "t"}   finished steps:
+                                  each one's device time, and the host work between them
+  {"kind": "resume", "step": s, "t"}                    training continues after step s
+
+`summarize` reads the log back: step time is productive unless a later `resume` went back
+before those steps (then it is `redone`: wasted progress, whatever the restart path: no
+checkpoint, memory tier, persistent tier, rollback or hot recovery); the time between
+one life's last record and the next life's start is `down` (the process was dead or
+restarting, with the work since its last record lost); what no category claims is
+`other`. The categories sum to the job's wall time (first life's start to the last
+record). Steps finished but not yet fetched when a process is killed (at most
+`train.fetch_every`) are in `down`, not in the redone steps.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from jaxdml.metrics import JsonlWriter, read_jsonl
+
+FILE = "goodput.jsonl"
+# Badput categories, in the order reports list them (after `productive`).
+CATEGORIES = (
+    "startup",  # process start to the trainer's first step: imports, runtime, data, model
+    "restore",  # reading a checkpoint
+    "compile",  # compiling the step (warm-up, and again after a new mesh)
+    "checkpoint",  # the loop blocked by saves (periodic, final, preemption)
+    "host",  # the loop's other host work between steps (evaluation, checks, hooks)
+    "recovery",  # detecting a failure and recovering from it in the same process
+    "redone",  # step time of steps that a restart or rollback did again
+    "down",  # between a process life's last record and the next life's start
+    "other",
+)
+
+
+def process_start_time() -> float:
+    """This process's start as a wall-clock time, to about 10 ms (Linux: its start in
+    clock ticks since boot, against the boot-time clock; elsewhere: now)."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        since_start = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+        return time.time() - max(0.0, since_start)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.time()
+
+
+class GoodputLog(JsonlWriter):
+    """This process life's goodput records (appended to `folder`/goodput.jsonl)."""
+
+    def __init__(self, folder: str, clock=time.time, started: float | None = None):
+        super().__init__(os.path.join(folder, FILE))
+        self.clock = clock
+        self.life_start = process_start_time() if started is None else started
+        self._spent = 0.0  # seconds of this life's spans so far
+        self._claimed = 0.0  # seconds of in-loop spans not yet taken out of `host`
+        self._started = False
+        self.write({"kind": "life", "t": self.life_start})
+
+    def span(self, category: str, seconds: float, in_loop: bool = False) -> None:
+        """`seconds` spent in `category`, ending now. `in_loop`: spent inside the loop's
+        host work between steps (a periodic save), so not counted again as `host`."""
+        if category not in CATEGORIES:
+            raise ValueError(f"unknown goodput category {category!r}")
+        self._spent += seconds
+        if in_loop:
+            self._claimed += seconds
+        self.write({"kind": "span", "category": category, "seconds": float(seconds),
+                    "t": self.clock()})  # fmt: skip
+
+    def started(self) -> None:
+        """Training starts: the life's time so far that no span claimed is `startup`."""
+        if not self._started:
+            self._started = True
+            self.span("startup", max(0.0, self.clock() - self.life_start - self._spent))
+
+    def steps(self, rows: list[dict], compile_seconds: float = 0.0) -> None:
+        """Finished steps' device time (row seconds less the loop's host work between
+        steps, which is recorded as `host`); `compile_seconds` of it was compilation."""
+        if not rows:
+            return
+        host = sum(r["host_seconds"] for r in rows)
+        seconds = [max(0.0, r["seconds"] - r["host_seconds"]) for r in rows]
+        seconds[0] = max(0.0, seconds[0] - compile_seconds)
+        claimed = min(host, self._claimed)
+        self._claimed -= claimed
+        self.write({"kind": "steps", "first": rows[0]["step"], "last": rows[-1]["step"],
+                    "seconds": [round(x, 6) for x in seconds], "host": host - claimed,
+                    "t": self.clock()})  # fmt: skip
+        if compile_seconds:
+            self.span("compile", compile_seconds)
+
+    def resume(self, step: int) -> None:
+        """Training goes on after `step` (a start, restart, rollback or re-formed mesh)."""
+        self.write({"kind": "resume", "step": int(step), "t": self.clock()})
+
+
+def read(workdir: str) -> list[dict]:
+    """The job record of a run folder (process 0's)."""
+    return read_jsonl(os.path.join(workdir, FILE))
+
+
+def summarize(records: list[dict]) -> dict:
+    """The job's goodput and badput per category (seconds and fractions of wall time),
+    with the steps done, kept and redone and the number of process lives."""
+    seconds = dict.fromkeys(("productive", *CATEGORIES), 0.0)
+    done: list[tuple[int, list[float]]] = []  # (first step, each step's seconds) still kept
+    lives, redone_steps, start, last_t = 0, 0, None, None
+    for r in records:
+        kind = r["kind"]
+        if kind == "life":
+            lives += 1
+            if start is None:
+                start = r["t"]
+            elif last_t is not None:
+                seconds["down"] += max(0.0, r["t"] - last_t)
+            last_t = r["t"]
+            continue
+        last_t = max(last_t if last_t is not None else r["t"], r["t"])
+        if kind == "span":
+            seconds[r["category"]] += r["seconds"]
+        elif kind == "steps":
+            done.append((r["first"], list(r["seconds"])))
+            seconds["host"] += r.get("host", 0.0)
+        elif kind == "resume":
+            lost_steps, lost_seconds = _cut_after(done, r["step"])
+            redone_steps += lost_steps
+            seconds["redone"] += lost_seconds
+    seconds["productive"] = sum(sum(each) for _, each in done)
+    wall = (last_t - start) if start is not None else 0.0
+    seconds["other"] = max(0.0, wall - sum(v for k, v in seconds.items() if k != "other"))
+    return {
+        "job_wall_seconds": wall,
+        "job_goodput": seconds["productive"] / wall if wall > 0 else 0.0,
+        "seconds": seconds,
+        "fractions": {k: (v / wall if wall > 0 else 0.0) for k, v in seconds.items()},
+        "steps_kept": sum(len(each) for _, each in done),
+        "steps_redone": redone_steps,
+        "lives": lives,
+    }
+
+
+def _cut_after(done: list[tuple[int, list[float]]], step: int) -> tuple[int, float]:
+    """Drops the kept steps past `step`; returns what was dropped (steps, seconds)."""
+    lost_steps, lost_seconds = 0, 0.0
+    for first, each in done:
+        keep = max(0, step - first + 1)
+        lost_steps += len(each[keep:])
+        lost_seconds += sum(each[keep:])
+        del each[keep:]
+    done[:] = [(first, each) for first, each in done if each]
+    return lost_steps, lost_seconds
+
+
+def table(summary: dict) -> str:
+    """The summary as a markdown table (seconds and percent of the job's wall time)."""
+    lines = [
+        f"job wall time {summary['job_wall_seconds']:.1f} s over {summary['lives']} process "
+        f"lives; goodput {summary['job_goodput']:.3f}; steps kept {summary['steps_kept']}, "
+        f"redone {summary['steps_redone']}",
+        "",
+        "| category | seconds | percent |",
+        "|---|---:|---:|",
+    ]
+    for k, v in summary["seconds"].items():
+        lines.append(f"| {k} | {v:.2f} | {100 * summary['fractions'][k]:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, out: str, title: str = "") -> None:
+    """A stacked horizontal bar of the job's wall time by category (matplotlib).
+
+    Raises:
+      ImportError: matplotlib is not installed.
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 2.2))
+    ax = fig.add_subplot()
+    left = 0.0
+    for i, (k, v) in enumerate(summary["seconds"].items()):
+        if v <= 0:
+            continue
+        color = "tab:green" if k == "productive" else f"C{i % 10}"
+        ax.barh(0, v, left=left, color=color, label=f"{k} {100 * summary['fractions'][k]:.1f}%")
+        left += v
+    ax.set_yticks([])
+    ax.set_xlabel("seconds of the job's wall time")
+    ax.set_title(f"{title} goodput {summary['job_goodput']:.3f}".strip())
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=4, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)

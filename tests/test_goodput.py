@@ -1,0 +1,113 @@
+"""Job-level goodput: one record across process lives; redone steps and lost seconds
+equal what metrics.jsonl and the clock say, whatever the restart path."""
+
+import json
+import os
+import shutil
+import time
+
+import jax
+import pytest
+
+from configs import seed_logreg
+from jaxdml import goodput
+from jaxdml.metrics import read_jsonl
+from jaxdml.training.hooks import OnMetrics
+from jaxdml.training.trainer import Trainer
+from tests.conftest import run_cli
+
+
+def test_summary_cuts_redone_steps_and_sums_to_the_wall_time():
+    records = [
+        {"kind": "life", "t": 100.0},
+        {"kind": "span", "category": "startup", "seconds": 2.0, "t": 102.0},
+        {"kind": "resume", "step": 0, "t": 102.0},
+        {"kind": "steps", "first": 1, "last": 10, "seconds": [1.0] * 10, "t": 112.0},
+        {"kind": "steps", "first": 11, "last": 20, "seconds": [1.0] * 10, "t": 122.0},
+        {"kind": "life", "t": 130.0},  # killed after step 20; 8 s down
+        {"kind": "span", "category": "restore", "seconds": 1.0, "t": 131.0},
+        {"kind": "resume", "step": 15, "t": 131.0},  # steps 16..20 are done again
+        {"kind": "steps", "first": 16, "last": 30, "seconds": [1.0] * 15, "t": 146.0},
+    ]
+    s = goodput.summarize(records)
+    assert s["lives"] == 2 and s["job_wall_seconds"] == 46.0
+    assert s["steps_redone"] == 5 and s["seconds"]["redone"] == pytest.approx(5.0)
+    assert s["steps_kept"] == 30 and s["seconds"]["productive"] == pytest.approx(30.0)
+    assert s["seconds"]["down"] == pytest.approx(8.0)
+    assert sum(s["seconds"].values()) == pytest.approx(46.0)
+    assert s["job_goodput"] == pytest.approx(30.0 / 46.0)
+
+
+def _device_seconds(rows):
+    return sum(max(0.0, r["seconds"] - r["host_seconds"]) for r in rows)
+
+
+ARGS = (
+    "experiments.train", "--config=configs/seed_logreg.py",
+    "--config.train.num_steps=160", "--config.checkpoint.local_every_secs=0",
+    "--config.train.fetch_every=10",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(("kill_at", "every"), [(80, 100), (140, 50)])
+def test_a_killed_and_restarted_job_counts_the_steps_it_redid(tmp_path, kill_at, every):
+    """Killed before its first checkpoint (the restart starts over, with no `resumed`
+    event) or after it: one job record, with the killed life's recorded steps past the
+    restart point counted as redone, and the time it was dead as `down`."""
+    workdir = str(tmp_path / "run")
+    t_start = time.time()
+    args = (*ARGS, f"--workdir={workdir}", f"--config.faults=sigkill@{kill_at}",
+            f"--config.checkpoint.every_steps={every}")  # fmt: skip
+    first = run_cli(*args)
+    assert first.returncode != 0
+    life1 = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    shutil.copy(os.path.join(workdir, "metrics.jsonl"), tmp_path / "life1.jsonl")
+    second = run_cli(*args)
+    assert second.returncode == 0, second.stderr[-2000:]
+    t_end = time.time()
+
+    summary = goodput.summarize(goodput.read(workdir))
+    # Where the restart went on from: its `resumed` event, none when it started over
+    # (the newest checkpoint may not have committed before the kill: then an older one).
+    events = read_jsonl(os.path.join(workdir, "events.jsonl"))
+    resumed = next((e["step"] for e in events if e["kind"] == "resumed"), 0)
+    assert resumed == 0 if every > kill_at else resumed in (50, 100)
+    lost = [r for r in life1 if r["step"] > resumed]
+    assert summary["lives"] == 2
+    assert summary["steps_redone"] == len(lost) > 0
+    assert summary["seconds"]["redone"] == pytest.approx(_device_seconds(lost), abs=1e-4)
+    assert summary["steps_kept"] == 160
+    assert summary["seconds"]["down"] > 0
+    # The categories cover the job's wall time, which is the clock's from the first
+    # process's start to the last record (within the test's own bracket).
+    assert sum(summary["seconds"].values()) == pytest.approx(summary["job_wall_seconds"], rel=0.01)
+    assert 0.8 * (t_end - t_start) < summary["job_wall_seconds"] <= t_end - t_start
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["job_goodput"] == pytest.approx(summary["job_goodput"], rel=0.05)
+    assert set(result["badput"]) == {"productive", *goodput.CATEGORIES}
+
+
+def test_a_rollback_counts_every_step_it_threw_away(tmp_path):
+    config = seed_logreg.get_config()
+    config.train.num_steps = 80
+    config.checkpoint.every_steps = 20
+    config.checkpoint.local_every_secs = 0.0
+    config.faults = "nan@45-49"
+    delivered = []
+    trainer = Trainer(
+        config, str(tmp_path), devices=jax.devices()[:4], hooks=[OnMetrics(delivered.extend)]
+    )
+    result = trainer.fit()
+    rollback = next(
+        e for e in read_jsonl(str(tmp_path / "events.jsonl")) if e["kind"] == "rollback"
+    )
+    # The rows delivered before the replay began (steps go back down at the replay).
+    replay = next(
+        i for i in range(1, len(delivered)) if delivered[i]["step"] <= delivered[i - 1]["step"]
+    )
+    first_pass = delivered[:replay]
+    summary = goodput.summarize(goodput.read(str(tmp_path)))
+    lost = [r for r in first_pass if r["step"] > rollback["restored_step"]]
+    assert summary["steps_redone"] == len(lost) == result["lost_steps"]
+    assert summary["seconds"]["redone"] == pytest.approx(_device_seconds(lost), abs=1e-4)
+    assert summary["steps_kept"] == 80 and summary["seconds"]["recovery"] > 0

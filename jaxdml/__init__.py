@@ -23,12 +23,15 @@ if TYPE_CHECKING:
 __version__ = VERSION
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train(config: ml_collections.ConfigDict, workdir: str, **components) -> dict:
     """Trains as `config` says, writing records to `workdir`; returns result.json's content.
 
     Args:
       config: a ConfigDict built on `default_config()` (see configs/).
       workdir: output folder; a folder holding checkpoints resumes from them.
+      **components: what to use instead of what the config names, as `Trainer` takes
+        them: model= (e.g. `jaxdml.models.flax.FlaxModel(module, ...)`), optimizer= (any
+        optax transformation), dataset=, hooks=, devices=.
 
     Returns:
       The result: final accuracies, loss, steps, device count, wall time, params_sha256
@@ -42,7 +45,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     from jaxdml import distributed
     from jaxdml.training.trainer import Trainer
 
-    trainer = Trainer(config, workdir)
+    trainer = Trainer(config, workdir, **components)
     result = trainer.fit()
     # Multi-process only: the processes still in the job leave it in order.
     distributed.shutdown(config.distributed.shutdown_timeout_secs, trainer.live_processes)

@@ -18,7 +18,8 @@ MODELS = ("logreg", "svm", "gbdt", "mlp")
 DATA_SOURCES = ("synthetic", "sklearn", "file")
 SKLEARN_DATASETS = ("make_classification", "digits", "breast_cancer", "iris", "wine")
 TRAIN_MODES = ("full_batch", "minibatch")
-OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "pegasos")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "lbfgs", "pegasos")
+LR_SCHEDULES = ("constant", "warmup_cosine", "exponential", "step")
 RESUME_MODES = ("auto", "false", "auto_or_scratch")
 CPU_COLLECTIVES = ("gloo", "mpi")
 SVM_LOSSES = ("hinge", "squared_hinge")
@@ -69,9 +70,21 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.mode = "full_batch"  # full_batch | minibatch
     c.train.batch_size = 256  # minibatch: global batch size (split over devices)
     c.train.num_steps = 200  # optimizer steps (gbdt: ignored, num_trees rounds)
-    c.train.optimizer = "sgd"  # sgd | momentum | adam | adamw | pegasos
-    c.train.learning_rate = 0.1  # optimizer learning rate
-    c.train.momentum = 0.9  # momentum optimizer
+    c.train.optimizer = "sgd"  # sgd | momentum | nesterov | adam | adamw | lbfgs | pegasos
+    c.train.learning_rate = 0.1  # optimizer learning rate (the peak of a schedule)
+    c.train.momentum = 0.9  # momentum / nesterov coefficient
+    c.train.lr_schedule = "constant"  # constant | warmup_cosine | exponential | step
+    c.train.warmup_steps = (
+        0  # linear warmup from 0 to learning_rate over these steps (any schedule)
+    )
+    # warmup_cosine: length of warmup + cosine (0: num_steps); exponential / step: the rate
+    # is multiplied by decay_rate every decay_steps (smoothly / at once)
+    c.train.decay_steps = 0
+    c.train.decay_rate = 0.1  # exponential / step: factor per decay_steps
+    c.train.end_learning_rate = 0.0  # warmup_cosine: the rate at the end of the cosine
+    c.train.clip_global_norm = 0.0  # clip the gradient to this global norm first (0: off)
+    c.train.weight_decay = 1e-4  # adamw: decoupled weight decay (optax's default)
+    c.train.lbfgs_memory = 10  # lbfgs: past updates kept (full batch only; line search)
     c.train.eval_every = 0  # evaluate on the test split every k steps (0: only at the end)
     c.train.log_every = 50  # log progress (steps/s, loss) every k steps
     # metrics stay on the devices and are fetched in one transfer every k finished steps
@@ -224,6 +237,14 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "train.optimizer": _one_of(OPTIMIZERS),
     "train.learning_rate": _float_at_least(0.0, strict=True),
     "train.momentum": _float_at_least(0.0),
+    "train.lr_schedule": _one_of(LR_SCHEDULES),
+    "train.warmup_steps": _int_at_least(0),
+    "train.decay_steps": _int_at_least(0),
+    "train.decay_rate": _float_at_least(0.0, strict=True),
+    "train.end_learning_rate": _float_at_least(0.0),
+    "train.clip_global_norm": _float_at_least(0.0),
+    "train.weight_decay": _float_at_least(0.0),
+    "train.lbfgs_memory": _int_at_least(1),
     "train.eval_every": _int_at_least(0),
     "train.log_every": _int_at_least(1),
     "train.dispatch_depth": _int_at_least(1),
@@ -261,6 +282,40 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "distributed.collective_timeout_secs": _int_at_least(0),
     "distributed.steps_per_transaction": _int_at_least(1),
 }
+
+
+def _validate_optimizer(config: ml_collections.ConfigDict) -> None:
+    """The optimizer fields that only make sense together."""
+    t = config.train
+    if t.lr_schedule in ("exponential", "step") and t.decay_steps < 1:
+        raise ConfigError(
+            f"config.train.decay_steps must be >= 1 with config.train.lr_schedule={t.lr_schedule!r}"
+        )
+    if t.lr_schedule == "warmup_cosine" and t.warmup_steps >= (t.decay_steps or t.num_steps):
+        raise ConfigError(
+            f"config.train.warmup_steps ({t.warmup_steps}) must be below the cosine's length "
+            f"(config.train.decay_steps, or num_steps when 0: {t.decay_steps or t.num_steps})"
+        )
+    if t.optimizer == "pegasos" and config.model.l2 <= 0:
+        raise ConfigError("config.model.l2 must be > 0 with config.train.optimizer='pegasos'")
+    fixed = {"pegasos": "its own 1/(l2 t) rate", "lbfgs": "its line search"}
+    if t.optimizer in fixed:
+        why = fixed[t.optimizer]
+        if t.lr_schedule != "constant" or t.warmup_steps:
+            raise ConfigError(
+                f"config.train.lr_schedule must be 'constant' without warmup with "
+                f"config.train.optimizer={t.optimizer!r} (the step size comes from {why})"
+            )
+        if t.clip_global_norm:
+            raise ConfigError(
+                f"config.train.clip_global_norm must be 0 with "
+                f"config.train.optimizer={t.optimizer!r} (the step size comes from {why})"
+            )
+    if t.optimizer == "lbfgs" and t.mode != "full_batch":
+        raise ConfigError(
+            "config.train.optimizer='lbfgs' needs config.train.mode='full_batch' "
+            "(its line search compares values of one objective)"
+        )
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
@@ -302,8 +357,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     hidden = tuple(config.model.hidden_sizes)
     if not all(isinstance(h, int) and h > 0 for h in hidden):
         raise ConfigError(f"config.model.hidden_sizes must be positive integers, got {hidden}")
-    if config.train.optimizer == "pegasos" and config.model.l2 <= 0:
-        raise ConfigError("config.model.l2 must be > 0 with config.train.optimizer='pegasos'")
+    _validate_optimizer(config)
     if config.num_cpu_devices and config.supervisor.min_devices > config.num_cpu_devices:
         raise ConfigError(
             f"config.supervisor.min_devices ({config.supervisor.min_devices}) exceeds "

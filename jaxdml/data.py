@@ -16,7 +16,6 @@ than RAM.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import os
@@ -29,7 +28,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxdml.config import ConfigError
 from jaxdml.mapped import (
     MappedFile,
     MappedRows,
@@ -40,14 +38,12 @@ from jaxdml.mapped import (
     median_sample,
     scan,
 )
+from jaxdml.tables import DataError, first_line, table_arrays
+
+__all__ = ["DataError", "Dataset", "GlobalBatcher", "load_dataset", "make_classification"]
 
 IDENTITY_FULL_BYTES = 64 << 20  # identity() hashes every training row up to this size
 IDENTITY_SAMPLE_ROWS = 4096  # otherwise this many evenly spaced rows, plus the first and last
-_EXTRA = "pip install 'jaxdml[datasets]'"
-
-
-class DataError(ConfigError):
-    """The data named by the config is missing or invalid. Exit status 2."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,125 +181,13 @@ def _file_arrays(cfg: ml_collections.ConfigDict) -> _Raw:
                     raise DataError(f"{path}: missing array(s) {sorted(missing)}; need X and y")
                 x, y = f["X"], f["y"]
         except (ValueError, OSError) as e:
-            raise DataError(f"{path}: cannot read as .npz ({_first_line(e)})") from e
+            raise DataError(f"{path}: cannot read as .npz ({first_line(e)})") from e
         return _Raw(x, y, path, None, y.dtype.kind in "US")
     if path.endswith((".csv", ".parquet", ".pq")):
-        return _table_arrays(path, cfg.label_column)
+        return _Raw(*table_arrays(path, cfg.label_column))
     raise DataError(
         f"{path}: unsupported file type; use .npz (X, y), .csv, .parquet, "
         "or a directory holding X.npy and y.npy"
-    )
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-# ------------------------------------------------------------------ CSV and Parquet
-
-
-def _read_table(path: str):
-    """The file as a pandas DataFrame, header names exactly as written.
-
-    CSV goes through pyarrow's parser (pandas engine='pyarrow'), which, unlike the
-    default one, refuses rows with too few fields as well as too many.
-    """
-    try:
-        import pandas as pd
-    except ImportError as e:
-        raise DataError(f"{path}: reading .csv/.parquet needs pandas and pyarrow: {_EXTRA}") from e
-    if os.path.getsize(path) == 0:
-        raise DataError(f"{path}: empty file (no header row)")
-    try:
-        if path.endswith(".csv"):
-            return pd.read_csv(path, engine="pyarrow")
-        return pd.read_parquet(path)
-    except ImportError as e:
-        raise DataError(f"{path}: reading .csv/.parquet needs pyarrow: {_EXTRA}") from e
-    except (ValueError, OSError) as e:  # pandas' ParserError and pyarrow's errors included
-        raise DataError(_unreadable(path, e)) from e
-
-
-def _unreadable(path: str, error: BaseException) -> str:
-    """One line on why a table could not be read, with the line of a ragged CSV row."""
-    if path.endswith(".csv"):
-        row = _first_ragged_row(path)
-        if row is not None:
-            return (
-                f"{path}: line {row.number} has {row.actual_columns} fields "
-                f"but the header has {row.expected_columns}"
-            )
-    kind = "CSV" if path.endswith(".csv") else "Parquet"
-    return f"{path}: cannot read as {kind} ({_first_line(error)})"
-
-
-def _first_ragged_row(path: str):
-    """pyarrow's record of the first row whose field count differs from the header's
-    (its line number is only known when parsing in one thread, so parse again so)."""
-    import pyarrow.csv as pacsv
-
-    found = []
-
-    def stop(row):
-        found.append(row)
-        return "error"
-
-    with contextlib.suppress(ValueError, OSError):  # the error we asked for, or another
-        pacsv.read_csv(
-            path,
-            read_options=pacsv.ReadOptions(use_threads=False),
-            parse_options=pacsv.ParseOptions(invalid_row_handler=stop),
-        )
-    return found[0] if found and found[0].number is not None else None
-
-
-def _table_arrays(path: str, label: str) -> _Raw:
-    """Features (float64, NaN where a cell is empty), labels and column names of a table."""
-    df = _read_table(path)
-    import pandas as pd
-
-    columns = [str(c) for c in df.columns]
-    repeated = sorted({c for c in columns if columns.count(c) > 1})
-    if repeated:
-        raise DataError(f"{path}: repeated column names {repeated}")
-    if label not in columns:
-        raise DataError(
-            f"{path}: no label column {label!r} (config.data.label_column); columns are {columns}"
-        )
-    if len(df) == 0:
-        raise DataError(f"{path}: no data rows (header only)")
-    features = [c for c in df.columns if c != label]
-    if not features:
-        raise DataError(f"{path}: no feature columns besides the label column {label!r}")
-    for name in features:
-        _check_feature_column(path, name, df[name])
-    x = df[features].to_numpy(dtype=np.float64, na_value=np.nan)
-    y = df[label]
-    missing = y.isna().to_numpy()
-    if missing.any():
-        raise DataError(
-            f"{path}: label column {label!r} has missing values "
-            f"(first at row {int(np.argmax(missing))})"
-        )
-    categorical = isinstance(y.dtype, pd.CategoricalDtype) or not pd.api.types.is_numeric_dtype(y)
-    values = y.to_numpy() if categorical else y.to_numpy(dtype=np.float64)
-    return _Raw(x, values, path, tuple(str(c) for c in features), categorical)
-
-
-def _check_feature_column(path: str, name: str, column) -> None:
-    """Numbers and booleans (as 0/1) are features; any other column is named in an error."""
-    import pandas as pd
-
-    numeric = pd.api.types.is_numeric_dtype(column) and not isinstance(
-        column.dtype, pd.CategoricalDtype
-    )
-    if numeric or column.isna().all():
-        return
-    example = column.dropna().iloc[0]
-    raise DataError(
-        f"{path}: column {name!r} is not numeric (dtype {column.dtype}, e.g. {example!r}); "
-        "encode it as numbers or drop it"
     )
 
 
@@ -445,11 +329,11 @@ def _load_mapped(cfg: ml_collections.ConfigDict) -> Dataset:
     try:
         file = MappedFile(x_path)
     except (ValueError, OSError) as e:
-        raise DataError(f"{x_path}: cannot memory-map as .npy ({_first_line(e)})") from e
+        raise DataError(f"{x_path}: cannot memory-map as .npy ({first_line(e)})") from e
     try:
         y = np.load(y_path, allow_pickle=False)
     except (ValueError, OSError) as e:
-        raise DataError(f"{y_path}: cannot load as .npy ({_first_line(e)})") from e
+        raise DataError(f"{y_path}: cannot load as .npy ({first_line(e)})") from e
     _check_shape(file.array, y, x_path)
     labels, names = _encode_labels(y, tuple(cfg.classes), y_path, y.dtype.kind in "US")
     if len(y) < 4:
@@ -596,6 +480,9 @@ class GlobalBatcher:
         """
         padded, weights = self.shard_layout(idx, mesh.devices.size)
         sharding = NamedSharding(mesh, P("data"))
+        # x, y: the rows; w: their weights; i: their global sample indices (dropout masks
+        # are drawn per sample index, so they do not depend on the device count).
+        per_row = {"w": weights, "i": padded.astype(np.int32)}
         rows = {"x": self.x, "y": self.y}
 
         def place(name: str) -> jax.Array:
@@ -603,8 +490,10 @@ class GlobalBatcher:
             shape = (len(padded), *(() if source is None else source.shape[1:]))
 
             def slice_rows(index: tuple[slice, ...]) -> np.ndarray:
-                return weights[index[0]] if source is None else source[padded[index[0]]]
+                if source is None:
+                    return per_row[name][index[0]]
+                return source[padded[index[0]]]
 
             return jax.make_array_from_callback(shape, sharding, slice_rows)
 
-        return {name: place(name) for name in ("x", "y", "w")}
+        return {name: place(name) for name in ("x", "y", "w", "i")}

@@ -27,7 +27,7 @@ LAYERS = [
     ["jaxdml.memory_tier"],
     ["jaxdml.training.state", "jaxdml.training.hooks", "jaxdml.checkpoint", "jaxdml.training.rows"],
     ["jaxdml.distributed", "jaxdml.plots"],
-    ["jaxdml.data", "jaxdml.cli"],
+    ["jaxdml.data", "jaxdml.cli", "jaxdml.tables"],
     ["jaxdml.config", "jaxdml.metrics"],
     ["jaxdml.models", "jaxdml.faults", "jaxdml.mesh", "jaxdml.mapped", "jaxdml.training.__init__"],
     ["jaxdml.constants"],

@@ -16,7 +16,9 @@ from jaxdml.faults import inject
 
 MODELS = ("logreg", "svm", "gbdt", "mlp")
 DATA_SOURCES = ("synthetic", "sklearn", "file")
-SKLEARN_DATASETS = ("make_classification", "digits", "breast_cancer", "iris", "wine")
+SKLEARN_DATASETS = ("make_classification", "digits", "breast_cancer", "iris", "wine", "diabetes")
+TASKS = ("classification", "regression")
+MODEL_LOSSES = ("auto", "cross_entropy", "squared_error", "huber")
 TRAIN_MODES = ("full_batch", "minibatch")
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "lbfgs", "pegasos")
 LR_SCHEDULES = ("constant", "warmup_cosine", "exponential", "step")
@@ -34,10 +36,13 @@ def default_config() -> ml_collections.ConfigDict:
     """Returns the full schema with default values; experiment configs override fields."""
     c = ml_collections.ConfigDict()
     c.seed = 0  # Seeds parameter init, data order and per-step randomness.
-    c.num_cpu_devices = 0  # >0: simulate this many CPU devices (per process; before JAX starts).
+    # >0: simulate this many CPU devices (per process) when JAX's CPU backend has not started
+    # yet; else the devices JAX has (a GPU box, a notebook whose JAX already runs)
+    c.num_cpu_devices = 0
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"  # synthetic | sklearn | file
+    c.data.task = "classification"  # classification (integer labels) | regression (float y)
     c.data.name = "make_classification"  # sklearn: make_classification|digits|breast_cancer|...
     c.data.path = ""  # file: .npz (X, y), .csv, .parquet, or a directory of X.npy, y.npy (mmap)
     c.data.label_column = "label"  # .csv/.parquet: the label column, exactly as in the header
@@ -58,6 +63,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.multiclass = "auto"  # auto | binary | multinomial (svm: one-vs-rest)
     c.model.svm_loss = "hinge"  # svm: hinge | squared_hinge
     c.model.hidden_sizes = (64,)  # mlp: hidden layer widths
+    c.model.dropout = 0.0  # mlp: dropout rate after each hidden layer (training only)
+    c.model.loss = "auto"  # mlp: auto | cross_entropy | squared_error | huber (auto: by data.task)
     c.model.num_trees = 50  # gbdt: boosting rounds (one step each)
     c.model.max_depth = 6  # gbdt: depth of each tree
     c.model.num_bins = 64  # gbdt: histogram bins per feature
@@ -209,6 +216,7 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "seed": _int_at_least(0),
     "num_cpu_devices": _int_at_least(0),
     "data.source": _one_of(DATA_SOURCES),
+    "data.task": _one_of(TASKS),
     "data.n_samples": _int_at_least(2),
     "data.n_features": _int_at_least(1),
     "data.n_informative": _int_at_least(1),
@@ -224,6 +232,8 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "model.l2": _float_at_least(0.0),
     "model.multiclass": _one_of(("auto", "binary", "multinomial")),
     "model.svm_loss": _one_of(SVM_LOSSES),
+    "model.dropout": _float_at_least(0.0),
+    "model.loss": _one_of(MODEL_LOSSES),
     "model.num_trees": _int_at_least(1),
     "model.max_depth": _int_at_least(1),
     "model.num_bins": _int_at_least(2),
@@ -354,6 +364,21 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         inject.parse(config.faults)
     except inject.FaultPlanError as e:
         raise ConfigError(f"config.faults: {e}") from e
+    if config.model.dropout >= 1.0:
+        raise ConfigError(f"config.model.dropout must be < 1, got {config.model.dropout!r}")
+    regression = config.data.task == "regression"
+    if regression and config.model.name != "mlp":
+        raise ConfigError(
+            "config.data.task='regression' needs config.model.name='mlp', "
+            f"got {config.model.name!r}"
+        )
+    if (
+        config.model.loss in ("squared_error", "huber")
+    ) != regression and config.model.loss != "auto":
+        raise ConfigError(
+            f"config.model.loss={config.model.loss!r} does not fit "
+            f"config.data.task={config.data.task!r}"
+        )
     hidden = tuple(config.model.hidden_sizes)
     if not all(isinstance(h, int) and h > 0 for h in hidden):
         raise ConfigError(f"config.model.hidden_sizes must be positive integers, got {hidden}")

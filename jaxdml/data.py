@@ -48,7 +48,8 @@ IDENTITY_SAMPLE_ROWS = 4096  # otherwise this many evenly spaced rows, plus the 
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """A train/test split: float32 features, int32 labels 0..K-1.
+    """A train/test split: float32 features, int32 labels 0..K-1 (regression: float32
+    targets, num_classes 1).
 
     Features are numpy arrays in host memory, or `MappedRows` (lazy row views of a
     memory-mapped .npy file) for a data set larger than RAM. `class_names[k]` is the
@@ -158,7 +159,36 @@ def _sklearn_arrays(cfg: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndar
     return bunch.data, bunch.target
 
 
+def make_regression(n_samples: int, n_features: int, n_informative: int, seed: int):
+    """A seeded, pure-numpy regression problem: y = a smooth nonlinear function of the
+    informative columns plus noise (standard deviation 0.1 of y's).
+
+    Returns:
+      (X float32 [n, f], y float32 [n]).
+    """
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n_samples, n_features))
+    w = rng.normal(size=n_informative) / np.sqrt(n_informative)
+    z = x[:, :n_informative] @ w
+    y = z + 0.5 * np.sin(2.0 * z) + 0.3 * x[:, 0] * x[:, min(1, n_features - 1)]
+    y = y + 0.1 * np.std(y) * rng.normal(size=n_samples)
+    return x.astype(np.float32), y.astype(np.float32)
+
+
+def _regression_targets(y: np.ndarray, where: str) -> np.ndarray:
+    """Float targets (config.data.task='regression'); all must be finite numbers."""
+    if y.dtype.kind not in "biuf":
+        raise DataError(f"{where}: regression targets must be numbers, got dtype {y.dtype}")
+    bad = ~np.isfinite(y.astype(np.float64))
+    if bad.any():
+        raise DataError(f"{where}: y has NaN/Inf targets (first at row {int(bad.argmax())})")
+    return y.astype(np.float32)
+
+
 def _raw_arrays(cfg: ml_collections.ConfigDict) -> _Raw:
+    if cfg.source == "synthetic" and cfg.task == "regression":
+        x, y = make_regression(cfg.n_samples, cfg.n_features, cfg.n_informative, cfg.random_state)
+        return _Raw(x, y, "synthetic regression data")
     if cfg.source == "synthetic":
         x, y = make_classification(
             cfg.n_samples, cfg.n_features, cfg.n_informative, cfg.n_classes, cfg.random_state
@@ -303,7 +333,10 @@ def load_dataset(cfg: ml_collections.ConfigDict) -> Dataset:
     bad = first_bad_cell(x, allow_nan=cfg.impute != "none")
     if bad is not None:
         raise _bad_cell_error(where, bad, x[bad], raw.columns)
-    labels, names = _encode_labels(y, tuple(cfg.classes), where, raw.categorical)
+    if cfg.task == "regression":  # one output, float targets, no classes
+        labels, names = _regression_targets(y, where), ()
+    else:
+        labels, names = _encode_labels(y, tuple(cfg.classes), where, raw.categorical)
     if len(x) < 4:
         raise DataError(f"{where}: need at least 4 rows for a train/test split, got {len(x)}")
     train, test = _split_indices(len(x), cfg.test_size, cfg.split_seed)
@@ -315,7 +348,8 @@ def load_dataset(cfg: ml_collections.ConfigDict) -> Dataset:
         std = np.where(std > 0, std, 1.0)
         x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
     f32 = np.float32
-    return Dataset(x_tr.astype(f32), y_tr, x_te.astype(f32), y_te, len(names), where, names)
+    num_classes = len(names) if names else 1
+    return Dataset(x_tr.astype(f32), y_tr, x_te.astype(f32), y_te, num_classes, where, names)
 
 
 def _load_mapped(cfg: ml_collections.ConfigDict) -> Dataset:
@@ -335,6 +369,8 @@ def _load_mapped(cfg: ml_collections.ConfigDict) -> Dataset:
     except (ValueError, OSError) as e:
         raise DataError(f"{y_path}: cannot load as .npy ({first_line(e)})") from e
     _check_shape(file.array, y, x_path)
+    if cfg.task == "regression":
+        raise DataError(f"{cfg.path}: regression from a memory-mapped directory is not supported")
     labels, names = _encode_labels(y, tuple(cfg.classes), y_path, y.dtype.kind in "US")
     if len(y) < 4:
         raise DataError(f"{x_path}: need at least 4 rows for a train/test split, got {len(y)}")

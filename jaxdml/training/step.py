@@ -55,7 +55,10 @@ def _replicated(tree: Any) -> Any:
     they are."""
 
     def one(v):
-        return jax.lax.pmean(v, DATA_AXIS) if DATA_AXIS in jax.typeof(v).vma else v
+        aval = jax.typeof(v)  # jax 0.10: manual_axis_type.varying; later: vma
+        manual = getattr(aval, "manual_axis_type", None)
+        varying = manual.varying if manual is not None else getattr(aval, "vma", ())
+        return jax.lax.pmean(v, DATA_AXIS) if DATA_AXIS in varying else v
 
     return jax.tree.map(one, tree)
 

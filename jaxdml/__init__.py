@@ -3,6 +3,7 @@
 The research API:
 
   jaxdml.default_config()       the config schema (ml_collections), every field commented
+  jaxdml.load_config(name)      a shipped config by name ("seed_logreg", "mlp:smoke") or path
   jaxdml.train(config, workdir) a whole supervised run; returns result.json's content
   jaxdml.Trainer(config, workdir)
       .run_steps(n) / .evaluate() / .state / .fit()   step-by-step use (notebooks)
@@ -52,6 +53,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, **components) -> dict
     return result
 
 
+def load_config(name_or_path: str) -> ml_collections.ConfigDict:
+    """A shipped config by name ('seed_logreg', 'mlp:smoke') or a config file by path.
+
+    Works from any folder once jaxdml is installed (the configs ship in jaxdml/configs).
+    """
+    from jaxdml import configs
+
+    return configs.load(name_or_path)
+
+
 def __getattr__(name: str):
     if name == "Trainer":
         from jaxdml.training.trainer import Trainer
@@ -60,4 +71,4 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["ConfigError", "Trainer", "default_config", "train", "validate"]
+__all__ = ["ConfigError", "Trainer", "default_config", "load_config", "train", "validate"]

@@ -3,6 +3,7 @@
 The research API:
 
   jaxdml.default_config()       the config schema (ml_collections), every field commented
+  jaxdml.load_config(name)      a shipped config by name ("seed_logreg", "mlp:smoke") or path
   jaxdml.train(config, workdir) a whole supervised run; returns result.json's content
   jaxdml.Trainer(config, workdir)
       .run_steps(n) / .evaluate() / .state / .fit()   step-by-step use (notebooks)
@@ -23,12 +24,15 @@ if TYPE_CHECKING:
 __version__ = VERSION
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train(config: ml_collections.ConfigDict, workdir: str, **components) -> dict:
     """Trains as `config` says, writing records to `workdir`; returns result.json's content.
 
     Args:
       config: a ConfigDict built on `default_config()` (see configs/).
       workdir: output folder; a folder holding checkpoints resumes from them.
+      **components: what to use instead of what the config names, as `Trainer` takes
+        them: model= (e.g. `jaxdml.models.flax.FlaxModel(module, ...)`), optimizer= (any
+        optax transformation), dataset=, hooks=, devices=.
 
     Returns:
       The result: final accuracies, loss, steps, device count, wall time, params_sha256
@@ -42,11 +46,21 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     from jaxdml import distributed
     from jaxdml.training.trainer import Trainer
 
-    trainer = Trainer(config, workdir)
+    trainer = Trainer(config, workdir, **components)
     result = trainer.fit()
     # Multi-process only: the processes still in the job leave it in order.
     distributed.shutdown(config.distributed.shutdown_timeout_secs, trainer.live_processes)
     return result
+
+
+def load_config(name_or_path: str) -> ml_collections.ConfigDict:
+    """A shipped config by name ('seed_logreg', 'mlp:smoke') or a config file by path.
+
+    Works from any folder once jaxdml is installed (the configs ship in jaxdml/configs).
+    """
+    from jaxdml import configs
+
+    return configs.load(name_or_path)
 
 
 def __getattr__(name: str):
@@ -57,4 +71,4 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["ConfigError", "Trainer", "default_config", "train", "validate"]
+__all__ = ["ConfigError", "Trainer", "default_config", "load_config", "train", "validate"]

@@ -83,7 +83,8 @@ def quiet_library_logs() -> None:
 def describe(result: dict[str, Any], events: list[dict] = ()) -> str:
     """A one-screen table of a result, and the faults and recoveries of the run."""
     keys = ("model", "data", "num_devices", "steps", "loss", "train_accuracy", "test_accuracy",
-            "wall_time_s", "goodput", "lost_steps", "params_sha256")  # fmt: skip
+            "test_rmse", "test_r2", "baseline_rmse", "wall_time_s", "goodput", "lost_steps",
+            "params_sha256")  # fmt: skip
     lines = []
     for k in keys:
         v = result.get(k)

@@ -16,9 +16,12 @@ from jaxdml.faults import inject
 
 MODELS = ("logreg", "svm", "gbdt", "mlp")
 DATA_SOURCES = ("synthetic", "sklearn", "file")
-SKLEARN_DATASETS = ("make_classification", "digits", "breast_cancer", "iris", "wine")
+SKLEARN_DATASETS = ("make_classification", "digits", "breast_cancer", "iris", "wine", "diabetes")
+TASKS = ("classification", "regression")
+MODEL_LOSSES = ("auto", "cross_entropy", "squared_error", "huber")
 TRAIN_MODES = ("full_batch", "minibatch")
-OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "pegasos")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "lbfgs", "pegasos")
+LR_SCHEDULES = ("constant", "warmup_cosine", "exponential", "step")
 RESUME_MODES = ("auto", "false", "auto_or_scratch")
 CPU_COLLECTIVES = ("gloo", "mpi")
 SVM_LOSSES = ("hinge", "squared_hinge")
@@ -33,10 +36,13 @@ def default_config() -> ml_collections.ConfigDict:
     """Returns the full schema with default values; experiment configs override fields."""
     c = ml_collections.ConfigDict()
     c.seed = 0  # Seeds parameter init, data order and per-step randomness.
-    c.num_cpu_devices = 0  # >0: simulate this many CPU devices (per process; before JAX starts).
+    # >0: simulate this many CPU devices (per process) when JAX's CPU backend has not started
+    # yet; else the devices JAX has (a GPU box, a notebook whose JAX already runs)
+    c.num_cpu_devices = 0
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"  # synthetic | sklearn | file
+    c.data.task = "classification"  # classification (integer labels) | regression (float y)
     c.data.name = "make_classification"  # sklearn: make_classification|digits|breast_cancer|...
     c.data.path = ""  # file: .npz (X, y), .csv, .parquet, or a directory of X.npy, y.npy (mmap)
     c.data.label_column = "label"  # .csv/.parquet: the label column, exactly as in the header
@@ -57,6 +63,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.multiclass = "auto"  # auto | binary | multinomial (svm: one-vs-rest)
     c.model.svm_loss = "hinge"  # svm: hinge | squared_hinge
     c.model.hidden_sizes = (64,)  # mlp: hidden layer widths
+    c.model.dropout = 0.0  # mlp: dropout rate after each hidden layer (training only)
+    c.model.loss = "auto"  # mlp: auto | cross_entropy | squared_error | huber (auto: by data.task)
     c.model.num_trees = 50  # gbdt: boosting rounds (one step each)
     c.model.max_depth = 6  # gbdt: depth of each tree
     c.model.num_bins = 64  # gbdt: histogram bins per feature
@@ -69,9 +77,21 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.mode = "full_batch"  # full_batch | minibatch
     c.train.batch_size = 256  # minibatch: global batch size (split over devices)
     c.train.num_steps = 200  # optimizer steps (gbdt: ignored, num_trees rounds)
-    c.train.optimizer = "sgd"  # sgd | momentum | adam | adamw | pegasos
-    c.train.learning_rate = 0.1  # optimizer learning rate
-    c.train.momentum = 0.9  # momentum optimizer
+    c.train.optimizer = "sgd"  # sgd | momentum | nesterov | adam | adamw | lbfgs | pegasos
+    c.train.learning_rate = 0.1  # optimizer learning rate (the peak of a schedule)
+    c.train.momentum = 0.9  # momentum / nesterov coefficient
+    c.train.lr_schedule = "constant"  # constant | warmup_cosine | exponential | step
+    c.train.warmup_steps = (
+        0  # linear warmup from 0 to learning_rate over these steps (any schedule)
+    )
+    # warmup_cosine: length of warmup + cosine (0: num_steps); exponential / step: the rate
+    # is multiplied by decay_rate every decay_steps (smoothly / at once)
+    c.train.decay_steps = 0
+    c.train.decay_rate = 0.1  # exponential / step: factor per decay_steps
+    c.train.end_learning_rate = 0.0  # warmup_cosine: the rate at the end of the cosine
+    c.train.clip_global_norm = 0.0  # clip the gradient to this global norm first (0: off)
+    c.train.weight_decay = 1e-4  # adamw: decoupled weight decay (optax's default)
+    c.train.lbfgs_memory = 10  # lbfgs: past updates kept (full batch only; line search)
     c.train.eval_every = 0  # evaluate on the test split every k steps (0: only at the end)
     c.train.log_every = 50  # log progress (steps/s, loss) every k steps
     # metrics stay on the devices and are fetched in one transfer every k finished steps
@@ -196,6 +216,7 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "seed": _int_at_least(0),
     "num_cpu_devices": _int_at_least(0),
     "data.source": _one_of(DATA_SOURCES),
+    "data.task": _one_of(TASKS),
     "data.n_samples": _int_at_least(2),
     "data.n_features": _int_at_least(1),
     "data.n_informative": _int_at_least(1),
@@ -211,6 +232,8 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "model.l2": _float_at_least(0.0),
     "model.multiclass": _one_of(("auto", "binary", "multinomial")),
     "model.svm_loss": _one_of(SVM_LOSSES),
+    "model.dropout": _float_at_least(0.0),
+    "model.loss": _one_of(MODEL_LOSSES),
     "model.num_trees": _int_at_least(1),
     "model.max_depth": _int_at_least(1),
     "model.num_bins": _int_at_least(2),
@@ -224,6 +247,14 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "train.optimizer": _one_of(OPTIMIZERS),
     "train.learning_rate": _float_at_least(0.0, strict=True),
     "train.momentum": _float_at_least(0.0),
+    "train.lr_schedule": _one_of(LR_SCHEDULES),
+    "train.warmup_steps": _int_at_least(0),
+    "train.decay_steps": _int_at_least(0),
+    "train.decay_rate": _float_at_least(0.0, strict=True),
+    "train.end_learning_rate": _float_at_least(0.0),
+    "train.clip_global_norm": _float_at_least(0.0),
+    "train.weight_decay": _float_at_least(0.0),
+    "train.lbfgs_memory": _int_at_least(1),
     "train.eval_every": _int_at_least(0),
     "train.log_every": _int_at_least(1),
     "train.dispatch_depth": _int_at_least(1),
@@ -263,6 +294,40 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
 }
 
 
+def _validate_optimizer(config: ml_collections.ConfigDict) -> None:
+    """The optimizer fields that only make sense together."""
+    t = config.train
+    if t.lr_schedule in ("exponential", "step") and t.decay_steps < 1:
+        raise ConfigError(
+            f"config.train.decay_steps must be >= 1 with config.train.lr_schedule={t.lr_schedule!r}"
+        )
+    if t.lr_schedule == "warmup_cosine" and t.warmup_steps >= (t.decay_steps or t.num_steps):
+        raise ConfigError(
+            f"config.train.warmup_steps ({t.warmup_steps}) must be below the cosine's length "
+            f"(config.train.decay_steps, or num_steps when 0: {t.decay_steps or t.num_steps})"
+        )
+    if t.optimizer == "pegasos" and config.model.l2 <= 0:
+        raise ConfigError("config.model.l2 must be > 0 with config.train.optimizer='pegasos'")
+    fixed = {"pegasos": "its own 1/(l2 t) rate", "lbfgs": "its line search"}
+    if t.optimizer in fixed:
+        why = fixed[t.optimizer]
+        if t.lr_schedule != "constant" or t.warmup_steps:
+            raise ConfigError(
+                f"config.train.lr_schedule must be 'constant' without warmup with "
+                f"config.train.optimizer={t.optimizer!r} (the step size comes from {why})"
+            )
+        if t.clip_global_norm:
+            raise ConfigError(
+                f"config.train.clip_global_norm must be 0 with "
+                f"config.train.optimizer={t.optimizer!r} (the step size comes from {why})"
+            )
+    if t.optimizer == "lbfgs" and t.mode != "full_batch":
+        raise ConfigError(
+            "config.train.optimizer='lbfgs' needs config.train.mode='full_batch' "
+            "(its line search compares values of one objective)"
+        )
+
+
 def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
     node: Any = config
     for part in dotted.split("."):
@@ -299,11 +364,25 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         inject.parse(config.faults)
     except inject.FaultPlanError as e:
         raise ConfigError(f"config.faults: {e}") from e
+    if config.model.dropout >= 1.0:
+        raise ConfigError(f"config.model.dropout must be < 1, got {config.model.dropout!r}")
+    regression = config.data.task == "regression"
+    if regression and config.model.name != "mlp":
+        raise ConfigError(
+            "config.data.task='regression' needs config.model.name='mlp', "
+            f"got {config.model.name!r}"
+        )
+    if (
+        config.model.loss in ("squared_error", "huber")
+    ) != regression and config.model.loss != "auto":
+        raise ConfigError(
+            f"config.model.loss={config.model.loss!r} does not fit "
+            f"config.data.task={config.data.task!r}"
+        )
     hidden = tuple(config.model.hidden_sizes)
     if not all(isinstance(h, int) and h > 0 for h in hidden):
         raise ConfigError(f"config.model.hidden_sizes must be positive integers, got {hidden}")
-    if config.train.optimizer == "pegasos" and config.model.l2 <= 0:
-        raise ConfigError("config.model.l2 must be > 0 with config.train.optimizer='pegasos'")
+    _validate_optimizer(config)
     if config.num_cpu_devices and config.supervisor.min_devices > config.num_cpu_devices:
         raise ConfigError(
             f"config.supervisor.min_devices ({config.supervisor.min_devices}) exceeds "

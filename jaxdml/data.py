@@ -16,7 +16,6 @@ than RAM.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import os
@@ -29,7 +28,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxdml.config import ConfigError
 from jaxdml.mapped import (
     MappedFile,
     MappedRows,
@@ -40,19 +38,18 @@ from jaxdml.mapped import (
     median_sample,
     scan,
 )
+from jaxdml.tables import DataError, first_line, table_arrays
+
+__all__ = ["DataError", "Dataset", "GlobalBatcher", "load_dataset", "make_classification"]
 
 IDENTITY_FULL_BYTES = 64 << 20  # identity() hashes every training row up to this size
 IDENTITY_SAMPLE_ROWS = 4096  # otherwise this many evenly spaced rows, plus the first and last
-_EXTRA = "pip install 'jaxdml[datasets]'"
-
-
-class DataError(ConfigError):
-    """The data named by the config is missing or invalid. Exit status 2."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """A train/test split: float32 features, int32 labels 0..K-1.
+    """A train/test split: float32 features, int32 labels 0..K-1 (regression: float32
+    targets, num_classes 1).
 
     Features are numpy arrays in host memory, or `MappedRows` (lazy row views of a
     memory-mapped .npy file) for a data set larger than RAM. `class_names[k]` is the
@@ -162,7 +159,36 @@ def _sklearn_arrays(cfg: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndar
     return bunch.data, bunch.target
 
 
+def make_regression(n_samples: int, n_features: int, n_informative: int, seed: int):
+    """A seeded, pure-numpy regression problem: y = a smooth nonlinear function of the
+    informative columns plus noise (standard deviation 0.1 of y's).
+
+    Returns:
+      (X float32 [n, f], y float32 [n]).
+    """
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n_samples, n_features))
+    w = rng.normal(size=n_informative) / np.sqrt(n_informative)
+    z = x[:, :n_informative] @ w
+    y = z + 0.5 * np.sin(2.0 * z) + 0.3 * x[:, 0] * x[:, min(1, n_features - 1)]
+    y = y + 0.1 * np.std(y) * rng.normal(size=n_samples)
+    return x.astype(np.float32), y.astype(np.float32)
+
+
+def _regression_targets(y: np.ndarray, where: str) -> np.ndarray:
+    """Float targets (config.data.task='regression'); all must be finite numbers."""
+    if y.dtype.kind not in "biuf":
+        raise DataError(f"{where}: regression targets must be numbers, got dtype {y.dtype}")
+    bad = ~np.isfinite(y.astype(np.float64))
+    if bad.any():
+        raise DataError(f"{where}: y has NaN/Inf targets (first at row {int(bad.argmax())})")
+    return y.astype(np.float32)
+
+
 def _raw_arrays(cfg: ml_collections.ConfigDict) -> _Raw:
+    if cfg.source == "synthetic" and cfg.task == "regression":
+        x, y = make_regression(cfg.n_samples, cfg.n_features, cfg.n_informative, cfg.random_state)
+        return _Raw(x, y, "synthetic regression data")
     if cfg.source == "synthetic":
         x, y = make_classification(
             cfg.n_samples, cfg.n_features, cfg.n_informative, cfg.n_classes, cfg.random_state
@@ -185,125 +211,13 @@ def _file_arrays(cfg: ml_collections.ConfigDict) -> _Raw:
                     raise DataError(f"{path}: missing array(s) {sorted(missing)}; need X and y")
                 x, y = f["X"], f["y"]
         except (ValueError, OSError) as e:
-            raise DataError(f"{path}: cannot read as .npz ({_first_line(e)})") from e
+            raise DataError(f"{path}: cannot read as .npz ({first_line(e)})") from e
         return _Raw(x, y, path, None, y.dtype.kind in "US")
     if path.endswith((".csv", ".parquet", ".pq")):
-        return _table_arrays(path, cfg.label_column)
+        return _Raw(*table_arrays(path, cfg.label_column))
     raise DataError(
         f"{path}: unsupported file type; use .npz (X, y), .csv, .parquet, "
         "or a directory holding X.npy and y.npy"
-    )
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-# ------------------------------------------------------------------ CSV and Parquet
-
-
-def _read_table(path: str):
-    """The file as a pandas DataFrame, header names exactly as written.
-
-    CSV goes through pyarrow's parser (pandas engine='pyarrow'), which, unlike the
-    default one, refuses rows with too few fields as well as too many.
-    """
-    try:
-        import pandas as pd
-    except ImportError as e:
-        raise DataError(f"{path}: reading .csv/.parquet needs pandas and pyarrow: {_EXTRA}") from e
-    if os.path.getsize(path) == 0:
-        raise DataError(f"{path}: empty file (no header row)")
-    try:
-        if path.endswith(".csv"):
-            return pd.read_csv(path, engine="pyarrow")
-        return pd.read_parquet(path)
-    except ImportError as e:
-        raise DataError(f"{path}: reading .csv/.parquet needs pyarrow: {_EXTRA}") from e
-    except (ValueError, OSError) as e:  # pandas' ParserError and pyarrow's errors included
-        raise DataError(_unreadable(path, e)) from e
-
-
-def _unreadable(path: str, error: BaseException) -> str:
-    """One line on why a table could not be read, with the line of a ragged CSV row."""
-    if path.endswith(".csv"):
-        row = _first_ragged_row(path)
-        if row is not None:
-            return (
-                f"{path}: line {row.number} has {row.actual_columns} fields "
-                f"but the header has {row.expected_columns}"
-            )
-    kind = "CSV" if path.endswith(".csv") else "Parquet"
-    return f"{path}: cannot read as {kind} ({_first_line(error)})"
-
-
-def _first_ragged_row(path: str):
-    """pyarrow's record of the first row whose field count differs from the header's
-    (its line number is only known when parsing in one thread, so parse again so)."""
-    import pyarrow.csv as pacsv
-
-    found = []
-
-    def stop(row):
-        found.append(row)
-        return "error"
-
-    with contextlib.suppress(ValueError, OSError):  # the error we asked for, or another
-        pacsv.read_csv(
-            path,
-            read_options=pacsv.ReadOptions(use_threads=False),
-            parse_options=pacsv.ParseOptions(invalid_row_handler=stop),
-        )
-    return found[0] if found and found[0].number is not None else None
-
-
-def _table_arrays(path: str, label: str) -> _Raw:
-    """Features (float64, NaN where a cell is empty), labels and column names of a table."""
-    df = _read_table(path)
-    import pandas as pd
-
-    columns = [str(c) for c in df.columns]
-    repeated = sorted({c for c in columns if columns.count(c) > 1})
-    if repeated:
-        raise DataError(f"{path}: repeated column names {repeated}")
-    if label not in columns:
-        raise DataError(
-            f"{path}: no label column {label!r} (config.data.label_column); columns are {columns}"
-        )
-    if len(df) == 0:
-        raise DataError(f"{path}: no data rows (header only)")
-    features = [c for c in df.columns if c != label]
-    if not features:
-        raise DataError(f"{path}: no feature columns besides the label column {label!r}")
-    for name in features:
-        _check_feature_column(path, name, df[name])
-    x = df[features].to_numpy(dtype=np.float64, na_value=np.nan)
-    y = df[label]
-    missing = y.isna().to_numpy()
-    if missing.any():
-        raise DataError(
-            f"{path}: label column {label!r} has missing values "
-            f"(first at row {int(np.argmax(missing))})"
-        )
-    categorical = isinstance(y.dtype, pd.CategoricalDtype) or not pd.api.types.is_numeric_dtype(y)
-    values = y.to_numpy() if categorical else y.to_numpy(dtype=np.float64)
-    return _Raw(x, values, path, tuple(str(c) for c in features), categorical)
-
-
-def _check_feature_column(path: str, name: str, column) -> None:
-    """Numbers and booleans (as 0/1) are features; any other column is named in an error."""
-    import pandas as pd
-
-    numeric = pd.api.types.is_numeric_dtype(column) and not isinstance(
-        column.dtype, pd.CategoricalDtype
-    )
-    if numeric or column.isna().all():
-        return
-    example = column.dropna().iloc[0]
-    raise DataError(
-        f"{path}: column {name!r} is not numeric (dtype {column.dtype}, e.g. {example!r}); "
-        "encode it as numbers or drop it"
     )
 
 
@@ -419,7 +333,10 @@ def load_dataset(cfg: ml_collections.ConfigDict) -> Dataset:
     bad = first_bad_cell(x, allow_nan=cfg.impute != "none")
     if bad is not None:
         raise _bad_cell_error(where, bad, x[bad], raw.columns)
-    labels, names = _encode_labels(y, tuple(cfg.classes), where, raw.categorical)
+    if cfg.task == "regression":  # one output, float targets, no classes
+        labels, names = _regression_targets(y, where), ()
+    else:
+        labels, names = _encode_labels(y, tuple(cfg.classes), where, raw.categorical)
     if len(x) < 4:
         raise DataError(f"{where}: need at least 4 rows for a train/test split, got {len(x)}")
     train, test = _split_indices(len(x), cfg.test_size, cfg.split_seed)
@@ -431,7 +348,8 @@ def load_dataset(cfg: ml_collections.ConfigDict) -> Dataset:
         std = np.where(std > 0, std, 1.0)
         x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
     f32 = np.float32
-    return Dataset(x_tr.astype(f32), y_tr, x_te.astype(f32), y_te, len(names), where, names)
+    num_classes = len(names) if names else 1
+    return Dataset(x_tr.astype(f32), y_tr, x_te.astype(f32), y_te, num_classes, where, names)
 
 
 def _load_mapped(cfg: ml_collections.ConfigDict) -> Dataset:
@@ -445,12 +363,14 @@ def _load_mapped(cfg: ml_collections.ConfigDict) -> Dataset:
     try:
         file = MappedFile(x_path)
     except (ValueError, OSError) as e:
-        raise DataError(f"{x_path}: cannot memory-map as .npy ({_first_line(e)})") from e
+        raise DataError(f"{x_path}: cannot memory-map as .npy ({first_line(e)})") from e
     try:
         y = np.load(y_path, allow_pickle=False)
     except (ValueError, OSError) as e:
-        raise DataError(f"{y_path}: cannot load as .npy ({_first_line(e)})") from e
+        raise DataError(f"{y_path}: cannot load as .npy ({first_line(e)})") from e
     _check_shape(file.array, y, x_path)
+    if cfg.task == "regression":
+        raise DataError(f"{cfg.path}: regression from a memory-mapped directory is not supported")
     labels, names = _encode_labels(y, tuple(cfg.classes), y_path, y.dtype.kind in "US")
     if len(y) < 4:
         raise DataError(f"{x_path}: need at least 4 rows for a train/test split, got {len(y)}")
@@ -596,6 +516,9 @@ class GlobalBatcher:
         """
         padded, weights = self.shard_layout(idx, mesh.devices.size)
         sharding = NamedSharding(mesh, P("data"))
+        # x, y: the rows; w: their weights; i: their global sample indices (dropout masks
+        # are drawn per sample index, so they do not depend on the device count).
+        per_row = {"w": weights, "i": padded.astype(np.int32)}
         rows = {"x": self.x, "y": self.y}
 
         def place(name: str) -> jax.Array:
@@ -603,8 +526,10 @@ class GlobalBatcher:
             shape = (len(padded), *(() if source is None else source.shape[1:]))
 
             def slice_rows(index: tuple[slice, ...]) -> np.ndarray:
-                return weights[index[0]] if source is None else source[padded[index[0]]]
+                if source is None:
+                    return per_row[name][index[0]]
+                return source[padded[index[0]]]
 
             return jax.make_array_from_callback(shape, sharding, slice_rows)
 
-        return {name: place(name) for name in ("x", "y", "w")}
+        return {name: place(name) for name in ("x", "y", "w", "i")}

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -16,16 +17,25 @@ DATA_AXIS = "data"
 def select_devices(n: int = 0) -> list[jax.Device]:
     """The devices a run uses: all of them (n=0) or the first `n`.
 
-    On the CPU backend, `n` simulated devices are created when JAX has not
-    started yet; once it has (a notebook, a test session) the first `n` of the
-    existing devices are used, and too few is a ValueError.
+    `n` is a request to simulate CPU devices: on the CPU backend, `n` simulated devices
+    are created when JAX has not started yet; once it has (a notebook, a test session)
+    the first `n` of the existing devices are used, or all of them when there are fewer
+    (with a warning). On a GPU or TPU backend `n` does not apply: every device is used.
     """
     if n > 0 and jax.config.jax_num_cpu_devices < n:
         with contextlib.suppress(RuntimeError):  # JAX already started: use what exists.
             jax.config.update("jax_num_cpu_devices", n)
     devices = jax.devices()
+    if n and devices[0].platform != "cpu":
+        return list(devices)
     if n > len(devices):
-        raise ValueError(f"asked for {n} devices but JAX has {len(devices)}")
+        logging.warning(
+            "config.num_cpu_devices=%d but JAX already started with %d CPU device(s): "
+            "using those (simulated devices are set before JAX starts)",
+            n,
+            len(devices),
+        )
+        return list(devices)
     return list(devices[:n] if n else devices)
 
 

@@ -17,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Floors, top first. A module is placed by the longest prefix that names it.
 LAYERS = [
-    ["jaxdml.__init__"],
+    ["jaxdml.__init__", "jaxdml.commands"],
     ["jaxdml.launch", "jaxdml.chaos"],
     ["jaxdml.training.trainer"],
     ["jaxdml.supervisor", "jaxdml.training.loop"],
@@ -27,7 +27,7 @@ LAYERS = [
     ["jaxdml.memory_tier"],
     ["jaxdml.training.state", "jaxdml.training.hooks", "jaxdml.checkpoint", "jaxdml.training.rows"],
     ["jaxdml.distributed", "jaxdml.plots", "jaxdml.goodput"],
-    ["jaxdml.data", "jaxdml.cli"],
+    ["jaxdml.data", "jaxdml.cli", "jaxdml.tables", "jaxdml.configs"],
     ["jaxdml.config", "jaxdml.metrics"],
     ["jaxdml.models", "jaxdml.faults", "jaxdml.mesh", "jaxdml.mapped", "jaxdml.training.__init__"],
     ["jaxdml.constants"],

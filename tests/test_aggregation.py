@@ -27,7 +27,8 @@ def test_aggregated_gradient_equals_single_device_gradient(num_devices, multinom
     )
     mesh = make_mesh(jax.devices()[:num_devices])
     batch, _ = GlobalBatcher(x, y, None, seed=0).next({"epoch": 0, "index": 0}, mesh)
-    sums = jax.jit(aggregated_sums(model, mesh))(params, batch["x"], batch["y"], batch["w"])
+    inputs = (batch["x"], batch["y"], batch["w"], batch["i"], jax.random.PRNGKey(0))
+    sums, _ = jax.jit(aggregated_sums(model, mesh))(params, {}, *inputs)
     assert float(sums["weight"]) == 1001.0
     got = jax.tree.map(lambda g: g / sums["weight"], sums["grad"])
     want = _reference_grad(model, params, jnp.asarray(x), jnp.asarray(y))

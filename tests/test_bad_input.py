@@ -13,7 +13,7 @@ BAD_VALUES = [
     ("train.learning_rate", 0.0),
     ("train.batch_size", -3),
     ("train.mode", "fullbatch"),
-    ("train.optimizer", "lbfgs"),
+    ("train.optimizer", "newton"),
     ("train.dispatch_depth", 0),
     ("model.name", "forest"),
     ("model.l2", -1.0),

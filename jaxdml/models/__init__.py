@@ -39,7 +39,10 @@ def build_model(
     if m.name == "svm":
         return LinearModel(num_features, num_classes, m.svm_loss, m.l2, multinomial)
     if m.name == "mlp":
-        return mlp_classifier(num_features, num_classes, m.hidden_sizes, m.l2)
+        loss = m.loss
+        if loss == "auto":
+            loss = "squared_error" if config.data.task == "regression" else "cross_entropy"
+        return mlp_classifier(num_features, num_classes, m.hidden_sizes, m.l2, loss, m.dropout)
     if m.name == "gbdt":
         if x_train is None:
             raise ValueError("gbdt needs x_train to compute its bin edges")

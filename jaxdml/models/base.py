@@ -7,9 +7,11 @@ or name.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Protocol, runtime_checkable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 Params = Any
@@ -67,6 +69,62 @@ def loss_and_predictions(model: Any, params: Params, x: jax.Array, y: jax.Array)
     return model.per_sample_loss(params, x, y), model.predict(params, x)
 
 
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+    """What a training forward pass may use beyond the params and the rows: a model that
+    offers `train_outputs` gets it (dropout keys, cross-device statistics).
+
+    Attributes:
+      rng: this step's key, `fold_in(fold_in(state.rng, 1), state.step)` (the init key is
+        `fold_in(state.rng, 0)`): the same on every device, and on every resume.
+      rows: [n] int32 global sample index of each row (padding rows repeat a real one).
+      weights: [n] row weights, 0 for padding rows: statistics over the batch weigh by them.
+      axis_name: the device axis to sum statistics over (None: one caller holds the batch).
+    """
+
+    rng: jax.Array
+    rows: jax.Array
+    weights: jax.Array
+    axis_name: str | None = None
+
+
+def task(model: Any) -> str:
+    """'classification' (integer labels, accuracy) or 'regression' (float targets, rmse)."""
+    return getattr(model, "task", "classification")
+
+
+def init_variables(model: Any, key: jax.Array) -> tuple[Params, Any]:
+    """(params, model_state) of a fresh model: `model.init_variables(key)` when it has
+    mutable state (e.g. batch statistics), else `(model.init(key), {})`."""
+    both = getattr(model, "init_variables", None)
+    return both(key) if both is not None else (model.init(key), {})
+
+
+def train_outputs(model: Any, params: Params, model_state: Any, x, y, ctx: StepContext):
+    """(per-sample losses [n], predictions [n], the next model_state) of a training forward
+    pass: `model.train_outputs` when the model offers it, else the stateless pair."""
+    own = getattr(model, "train_outputs", None)
+    if own is not None:
+        return own(params, model_state, x, y, ctx)
+    losses, predicted = loss_and_predictions(model, params, x, y)
+    return losses, predicted, model_state
+
+
+def predict_with_state(model: Any, params: Params, model_state: Any, x: jax.Array) -> jax.Array:
+    """Predictions [n] for evaluation (labels, or values for regression); a model with
+    mutable state reads it (e.g. BatchNorm's running averages)."""
+    if getattr(model, "stateful", False):
+        return model.predict(params, x, model_state)
+    return model.predict(params, x)
+
+
+def hits(model: Any, predicted: jax.Array, y: jax.Array) -> jax.Array:
+    """Per-row 1.0 where the prediction is right (NaN for regression: no accuracy)."""
+    if task(model) == "regression":
+        return jnp.full(y.shape, jnp.nan, jnp.float32)
+    return (predicted == y).astype(jnp.float32)
+
+
 def is_boosted(model: Any) -> bool:
     """True for a tree ensemble grown round by round, False for a gradient-trained model."""
     return isinstance(model, BoostedModel)
@@ -75,6 +133,9 @@ def is_boosted(model: Any) -> bool:
 def check_model(model: Any) -> None:
     """Raises TypeError naming what is missing when `model` fits neither protocol."""
     if is_boosted(model) or isinstance(model, GradientModel):
+        check = getattr(model, "check", None)
+        if check is not None:
+            check()  # a model that can test itself on a dummy batch (FlaxModel: shapes, rngs)
         return
     missing = [
         name

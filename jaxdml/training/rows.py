@@ -4,16 +4,38 @@ the watchdog's pet."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+import numpy as np
 from absl import logging
 
 from jaxdml.metrics import MetricsWriter
 from jaxdml.training.hooks import Hook, StepInfo
 
+SPLITS = ("train", "test")
+
+
+def evaluation(task: str, predicted: dict[str, np.ndarray], dataset: Any) -> dict[str, float]:
+    """Scores of predictions on each split: accuracy for classification; for regression
+    rmse and r2 (1 - mse / variance of the split's targets), and `baseline_rmse`, the
+    test rmse of predicting the training targets' mean (what a model must beat)."""
+    targets = {"train": dataset.y_train, "test": dataset.y_test}
+    if task != "regression":
+        return {f"{s}_accuracy": float(np.mean(predicted[s] == targets[s])) for s in SPLITS}
+    out = {}
+    for s in SPLITS:
+        y = np.asarray(targets[s], np.float64)
+        mse = float(np.mean((np.asarray(predicted[s], np.float64).reshape(y.shape) - y) ** 2))
+        out[f"{s}_rmse"] = mse**0.5
+        out[f"{s}_r2"] = 1.0 - mse / max(float(np.var(y)), 1e-30)
+    mean = float(np.mean(np.asarray(targets["train"], np.float64)))
+    out["baseline_rmse"] = float(np.mean((np.asarray(targets["test"]) - mean) ** 2)) ** 0.5
+    return out
+
 
 class EvalRows(Hook):
-    """Adds train/test accuracy to the rows of every `every`-th step, evaluated on that very
-    step's state (a host sync, but only every `every` steps)."""
+    """Adds train/test scores (`evaluation`) to the rows of every `every`-th step,
+    evaluated on that very step's state (a host sync, but only every `every` steps)."""
 
     def __init__(self, evaluate: Callable, every: int):
         self.evaluate, self.every = evaluate, every

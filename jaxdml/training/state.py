@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 
 from jaxdml import mesh as mesh_lib
 from jaxdml.data import initial_position
+from jaxdml.models.base import init_variables
 
 
 @flax.struct.dataclass
@@ -32,14 +33,14 @@ class TrainState:
 def _initializer(model: Any, optimizer: optax.GradientTransformation, seed: int):
     def init() -> TrainState:
         rng = jax.random.PRNGKey(seed)
-        params = model.init(jax.random.fold_in(rng, 0))
+        params, model_state = init_variables(model, jax.random.fold_in(rng, 0))
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
             opt_state=optimizer.init(params),
             rng=rng,
             data_pos={k: jnp.asarray(v) for k, v in initial_position().items()},
-            model_state={},
+            model_state=model_state,
         )
 
     return init

@@ -33,11 +33,12 @@ from jaxdml.faults.errors import GaveUp
 from jaxdml.goodput import GoodputLog
 from jaxdml.metrics import EventLog, MetricsWriter, write_json
 from jaxdml.models import build_model, check_model, is_boosted, model_inputs, num_steps
+from jaxdml.models.base import predict_with_state, task
 from jaxdml.supervisor import Supervisor
 from jaxdml.training.hooks import BeforeStep, Hook, StopWhen
 from jaxdml.training.loop import Loop
 from jaxdml.training.optimizers import build_optimizer
-from jaxdml.training.rows import EvalRows, Pet, WriteRows
+from jaxdml.training.rows import SPLITS, EvalRows, Pet, WriteRows, evaluation
 from jaxdml.training.state import (
     TrainState,
     abstract_state,
@@ -77,6 +78,7 @@ class Trainer:
         model: Any = None,
         hooks: Sequence[Hook] = (),
         supervisor: Any = None,
+        optimizer: optax.GradientTransformation | None = None,
     ):
         """Args:
         config: a ConfigDict built on `jaxdml.config.default_config()` (validated here).
@@ -86,6 +88,9 @@ class Trainer:
         model: a model to train instead of the one `config.model` names, e.g. a
           `jaxdml.models.mlp.FlaxModel` around your own Flax module.
         hooks: extra `jaxdml.training.hooks.Hook`s for the loop (after the built-in ones).
+        optimizer: any optax transformation, used instead of the one `config.train`
+          describes (its state is checkpointed and resumed with the rest; an optimizer
+          with extra arguments, e.g. `optax.lbfgs`, gets value, grad and value_fn).
         supervisor: the recovery policy (default: `jaxdml.supervisor.Supervisor(config)`
           when `config.supervisor.enabled`, else none: any failure ends the run).
         """
@@ -98,7 +103,7 @@ class Trainer:
         # What a checkpoint must have been written for: the problem-defining config
         # fields and the training data's identity (other data: exit 2, naming it).
         self.problem = {"config": identity(config), "data": self.dataset.identity()}
-        self._build_model(model)
+        self._build_model(model, optimizer)
         # Process 0 writes the run's records; the others keep theirs apart, per process.
         records = workdir if distributed.is_coordinator() else _process_dir(workdir)
         self.metrics = MetricsWriter(records, config.train.tensorboard)
@@ -133,14 +138,18 @@ class Trainer:
         self._watch = self._watchdog()  # started by fit()
         self.state: TrainState = self.restore_or_init()
 
-    def _build_model(self, model: Any) -> None:
+    def _build_model(self, model: Any, optimizer: optax.GradientTransformation | None) -> None:
         config, ds = self.config, self.dataset
         if model is None:
             model = build_model(config, ds.num_features, ds.num_classes, ds.x_train)
-        check_model(model)
+        try:
+            check_model(model)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"model: {e}") from e
         self.model = model
-        self._predict = jax.jit(model.predict)  # compiled once, not at every evaluation
-        self.optimizer: optax.GradientTransformation = build_optimizer(config, model)
+        # compiled once, not at every evaluation
+        self._predict = jax.jit(lambda p, x: predict_with_state(model, p[0], p[1], x))
+        self.optimizer = optimizer or build_optimizer(config, model)
         self.num_steps = num_steps(model, config)
         full = config.train.mode == "full_batch"
         self.batcher = GlobalBatcher(
@@ -445,18 +454,18 @@ class Trainer:
     # ------------------------------------------------------------------ results
 
     def evaluate(self, state: TrainState | None = None) -> dict:
-        """Train and test accuracy of `state`'s parameters (default: the current state).
+        """Train and test scores of `state`'s model (default: the current state).
 
         Returns:
-          {'train_accuracy': float, 'test_accuracy': float}.
+          classification: {'train_accuracy', 'test_accuracy'}; regression: train/test
+          rmse and r2, and the rmse of the mean predictor (the training targets' mean).
         """
-        params = to_host((self.state if state is None else state).params)
+        state = self.state if state is None else state
+        variables = to_host((state.params, state.model_state))
         ds = self.dataset
-        predict = self._predict  # ds.predict: chunk by chunk when the data is memory-mapped
-        return {
-            "train_accuracy": float(np.mean(ds.predict(predict, params, "train") == ds.y_train)),
-            "test_accuracy": float(np.mean(ds.predict(predict, params, "test") == ds.y_test)),
-        }
+        # ds.predict: chunk by chunk when the data is memory-mapped
+        predicted = {split: ds.predict(self._predict, variables, split) for split in SPLITS}
+        return evaluation(task(self.model), predicted, ds)
 
     def stopped(self, step: int, signum: int | None) -> dict:
         """After a stop signal: the verified save is done; record it and close. The next

@@ -80,6 +80,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.dispatch_depth = 2  # steps in flight at most (unbounded depth deadlocks on CPU)
     c.train.donate = False  # donate the state buffers (False keeps the input alive for recovery)
     c.train.tensorboard = False  # also write TensorBoard events (needs the tensorboard extra)
+    # a tqdm progress bar with ETA on process 0 when stderr is a terminal or a notebook
+    # (never in a log file or a pipe); False: none. The log lines stay either way.
+    c.train.progress = True
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 0  # save every k steps (0: off)
@@ -230,6 +233,7 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "train.fetch_every": _int_at_least(1),
     "train.donate": _bool,
     "train.tensorboard": _bool,
+    "train.progress": _bool,
     "checkpoint.every_steps": _int_at_least(0),
     "checkpoint.every_secs": _float_at_least(0.0),
     "checkpoint.max_to_keep": _int_at_least(1),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -118,6 +119,7 @@ class EventLog(JsonlWriter):
         super().__init__(os.path.join(workdir, "events.jsonl"))
         self._clock = clock
         self.tensorboard = tensorboard
+        self.listeners: list[Callable[[dict], None]] = []  # each gets every recorded row
 
     @staticmethod
     def read(workdir: str) -> list[dict]:
@@ -129,6 +131,8 @@ class EventLog(JsonlWriter):
         self.write(row)
         if self.tensorboard is not None:
             self._mirror(row)
+        for listener in self.listeners:
+            listener(row)
         return row
 
     def _mirror(self, row: dict) -> None:

@@ -36,6 +36,7 @@ from jaxdml.supervisor import Supervisor
 from jaxdml.training.hooks import BeforeStep, Hook, StopWhen
 from jaxdml.training.loop import Loop
 from jaxdml.training.optimizers import build_optimizer
+from jaxdml.training.progress import Progress
 from jaxdml.training.rows import EvalRows, Pet, WriteRows
 from jaxdml.training.state import (
     TrainState,
@@ -119,7 +120,10 @@ class Trainer:
         self.supervisor = supervisor
         self.accounting = Accounting(self.events)
         self.user_hooks = list(hooks)
-        self._rows = WriteRows(self.metrics, config.train.log_every)
+        self._rows = WriteRows(self.metrics)
+        show = config.train.progress and distributed.is_coordinator()
+        self.progress = Progress(self.num_steps, config.train.log_every, enabled=show)
+        self.events.listeners.append(lambda event: self.progress.on_event(event))
         self.set_devices(devices)
         self.agreement = liveness.Agreement(liveness.multi_process(), distributed.is_coordinator())
         self._start_time = time.time()
@@ -244,7 +248,8 @@ class Trainer:
         if checkpoints:
             save = lambda tier, step, state: self.save_checkpoint(step, state, tier)  # noqa: E731
             hooks += self.tiers.hooks(save, self.agreement.decider)
-        hooks += [EvalRows(self.evaluate, self.config.train.eval_every), self._rows]
+        eval_rows = EvalRows(self.evaluate, self.config.train.eval_every)
+        hooks += [eval_rows, self._rows, self.progress]
         if supervised:
             hooks += [self.accounting, *self.supervisor.hooks(self), Pet(self._watch)]
         if stop_when is not None:
@@ -253,6 +258,7 @@ class Trainer:
 
     def _loop(self, num_steps: int, hooks: list[Hook]) -> Loop:
         """A Loop over the current mesh; multi-process, in live_devices spans."""
+        self.progress.begin(int(to_host(self.state.step)))
         spans = None
         if self.agreement.multi:
             spans = liveness.Spans(lambda: self.devices, self.agreement)
@@ -456,6 +462,7 @@ class Trainer:
     def close(self) -> None:
         """Waits for pending saves and closes every writer."""
         self.tiers.close()
+        self.progress.close()
         self.metrics.close()
         self.events.close()
 

@@ -19,7 +19,7 @@ DATA_SOURCES = ("synthetic", "sklearn", "file")
 SKLEARN_DATASETS = ("make_classification", "digits", "breast_cancer", "iris", "wine")
 TRAIN_MODES = ("full_batch", "minibatch")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "pegasos")
-RESUME_MODES = ("auto", "false", "auto_or_scratch")
+RESUME_MODES = ("auto", "false", "auto_or_scratch", "required")
 CPU_COLLECTIVES = ("gloo", "mpi")
 SVM_LOSSES = ("hinge", "squared_hinge")
 IMPUTE_METHODS = ("none", "mean", "median", "zero")
@@ -86,11 +86,15 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 0  # save every k steps (0: off)
-    c.checkpoint.every_secs = 0.0  # save every t seconds (0: off)
+    # save every t seconds (0: off). On by default, so a long run never loses more than
+    # this; a run shorter than it saves only at its end. Several processes agree on the
+    # step (jaxdml.liveness.Agreement), as for the memory tier's local_every_secs.
+    c.checkpoint.every_secs = 300.0
     c.checkpoint.max_to_keep = 3  # newest checkpoints kept
     c.checkpoint.keep_period = 0  # also keep every N-th step forever (0: off)
     c.checkpoint.async_save = True  # save in the background
-    c.checkpoint.resume = "auto"  # auto | false | auto_or_scratch
+    # auto | false | auto_or_scratch | required (no checkpoint: exit 2; eval-only runs)
+    c.checkpoint.resume = "auto"
     # The memory tier: each process also keeps its state in fast local storage, for warm
     # restarts that redo few steps; a restart takes its newest valid state before the
     # persistent tier's (docs/architecture.md, "Checkpoint tiers").

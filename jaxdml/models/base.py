@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Protocol, runtime_checkable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 Params = Any
@@ -65,6 +66,14 @@ def loss_and_predictions(model: Any, params: Params, x: jax.Array, y: jax.Array)
     if both is not None:
         return both(params, x, y)
     return model.per_sample_loss(params, x, y), model.predict(params, x)
+
+
+def row_losses(model: Any, params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
+    """The unweighted loss of each row [n] (no regularizer): the log loss of a tree
+    ensemble's margins, else the model's `per_sample_loss`."""
+    if is_boosted(model):
+        return model.gradients(model.margins(params, x), y, jnp.ones(y.shape, jnp.float32))[1]
+    return model.per_sample_loss(params, x, y)
 
 
 def is_boosted(model: Any) -> bool:

@@ -9,6 +9,7 @@ or the injector.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -132,8 +133,29 @@ class Trainer:
         self.live_processes: list[int] | None = None  # set after a host loss: the survivors
         self._running: Loop | None = None  # the loop in progress (or the one that failed)
         self._restored_from: str | None = None  # the tier the state came from
+        self._trained_from = 0  # the step this process's training started at
         self._watch = self._watchdog()  # started by fit()
         self.state: TrainState = self.restore_or_init()
+        if distributed.is_coordinator():
+            self._write_model_info()
+
+    @property
+    def restored_from(self) -> str | None:
+        """The tier the starting state came from ('memory', 'persistent', 'broadcast';
+        None: a fresh state)."""
+        return self._restored_from
+
+    def _write_model_info(self) -> None:
+        """model.json: the config and the data's shape, all that `jaxdml.load` needs to
+        build the model again (jaxdml/export.py)."""
+        ds = self.dataset
+        info = {
+            "config": json.loads(self.config.to_json_best_effort()),
+            "num_features": ds.num_features,
+            "num_classes": ds.num_classes,
+            "class_names": [c.item() if isinstance(c, np.generic) else c for c in ds.class_names],
+        }
+        write_json(os.path.join(self.workdir, "model.json"), info)
 
     def _build_model(self, model: Any) -> None:
         config, ds = self.config, self.dataset
@@ -189,8 +211,8 @@ class Trainer:
                 raise
             logging.warning("%s; starting from scratch (resume=auto_or_scratch)", e)
             return self._fresh_state()
-        step = int(to_host(state.step))
-        if step:
+        step = self._trained_from = int(to_host(state.step))
+        if step and c.checkpoint.resume != "required":  # an eval-only run resumes nothing
             self.record(
                 "resumed",
                 step,
@@ -207,6 +229,8 @@ class Trainer:
         abstract = abstract_state(self.model, self.optimizer, self.config.seed, self.mesh)
         restored = self.tiers.restore(abstract, self.problem, self.mesh)
         if restored is None:
+            if self.config.checkpoint.resume == "required":
+                raise ConfigError(f"no checkpoint in {self.workdir} (checkpoint.resume=required)")
             self._restored_from = None
             return self._fresh_state()
         state, step, self._restored_from = restored
@@ -448,6 +472,11 @@ class Trainer:
             "test_accuracy": float(np.mean(ds.predict(predict, params, "test") == ds.y_test)),
         }
 
+    def _last_logged_loss(self) -> float | None:
+        """The loss of the newest row in metrics.jsonl (no step ran in this process)."""
+        rows = self.metrics.rows()
+        return rows[-1].get("loss") if rows else None
+
     def stopped(self, step: int, signum: int | None) -> dict:
         """After a stop signal: the verified save is done; record it and close. The next
         start resumes."""
@@ -480,10 +509,20 @@ class Trainer:
         self.close()
 
     def finish(self, extra: dict | None = None) -> dict:
-        """Writes and returns result.json for the current state (plus `extra` fields)."""
+        """Writes and returns result.json for the current state (plus `extra` fields).
+
+        A run that was already finished when this process started trains nothing: its
+        result.json is returned as it is (with `already_finished`), not replaced by one
+        that knows no loss and no goodput."""
+        previous = os.path.join(self.workdir, "result.json")
+        if self._trained_from >= self.num_steps and os.path.exists(previous):
+            with open(previous) as f:
+                result = {**json.load(f), "already_finished": True}
+            self.close()
+            return result
         result = {
             **self.evaluate(),
-            "loss": self._rows.last_row.get("loss"),
+            "loss": self._rows.last_row.get("loss", self._last_logged_loss()),
             "steps": int(to_host(self.state.step)),
             "num_devices": int(self.mesh.devices.size),
             "wall_time_s": time.time() - self._start_time,

@@ -103,7 +103,7 @@ class Trainer:
         # Process 0 writes the run's records; the others keep theirs apart, per process.
         records = workdir if distributed.is_coordinator() else _process_dir(workdir)
         self.metrics = MetricsWriter(records, config.train.tensorboard)
-        self.events = EventLog(records, tensorboard=self.metrics.tensorboard)
+        self.events = EventLog(records, tensorboard=lambda: self.metrics.tensorboard)
         self.tiers = Tiers(config, workdir, self.events.record)
         self.tiers.verify.every = config.supervisor.fingerprint_every
         faults = inject.parse(config.faults)

@@ -210,9 +210,15 @@ def default_devices(config: ml_collections.ConfigDict) -> list[jax.Device]:
     return mesh_lib.select_devices(resolve(config).num_cpu_devices)
 
 
+_left_as: list[int] = []  # the index this process had in a job it has left (shutdown)
+
+
 def process_index() -> int:
-    """This process's index in the job (0 when single-process; never starts JAX)."""
-    return jax.process_index() if jax.distributed.is_initialized() else 0
+    """This process's index in the job (0 when single-process; never starts JAX). After
+    `shutdown`, still the index it had: the mains decide after it who reports."""
+    if jax.distributed.is_initialized():
+        return jax.process_index()
+    return _left_as[-1] if _left_as else 0
 
 
 def is_coordinator() -> bool:
@@ -274,6 +280,7 @@ def shutdown(timeout_secs: float, process_ids: list[int] | None = None) -> None:
     """
     if not jax.distributed.is_initialized():
         return
+    _left_as.append(jax.process_index())
     if not jax.config.jax_enable_recoverability:
         # JAX's own shutdown barrier holds the processes together; get_live_nodes below
         # would wait for peers that are already in it (measured: both aborted after the

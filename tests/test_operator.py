@@ -12,7 +12,7 @@ import jax
 from configs import seed_logreg
 from jaxdml.training.progress import Progress
 from jaxdml.training.trainer import Trainer
-from tests.conftest import REPO
+from tests.conftest import REPO, run_cli
 
 
 def _rows(first: int, last: int, t0: float = 100.0, dt: float = 0.01) -> list[dict]:
@@ -88,3 +88,24 @@ def test_cli_shows_a_bar_on_a_terminal_and_no_backend_probe_noise(tmp_path):
     assert "30/30 [" in text and "step/s" in text  # the bar, with its rate and ETA
     assert "Unable to initialize backend" not in text
     assert text.count("step 10/30  loss") == 1
+
+
+def test_help_lists_every_shipped_config_with_its_variants_and_the_schema():
+    proc = run_cli("experiments.train", "--help", timeout=120)
+    assert proc.returncode in (0, 1)  # absl's --help exits 1 after printing
+    out = proc.stdout + proc.stderr
+    for line in ("configs/svm.py :pegasos :smoke", "configs/gbdt.py :digits :smoke",
+                 "configs/mlp.py :smoke", "configs/seed_logreg.py :smoke"):  # fmt: skip
+        assert line in out
+    assert "jaxdml/config.py" in out and "--dry_run" in out
+
+
+def test_dry_run_prints_the_resolved_config_and_a_bad_one_exits_2(tmp_path):
+    base = ["experiments.train", "--config=configs/svm.py:pegasos", "--dry_run"]
+    proc = run_cli(*base, "--config.train.num_steps=7", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "num_steps: 7" in proc.stdout and "optimizer: pegasos" in proc.stdout
+    bad = run_cli(*base, "--config.train.num_steps=0", timeout=120)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: config.train.num_steps")
+    assert not list(tmp_path.iterdir())  # nothing was written anywhere we gave it

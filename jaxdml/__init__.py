@@ -7,6 +7,8 @@ The research API:
   jaxdml.train(config, workdir) a whole supervised run; returns result.json's content
   jaxdml.Trainer(config, workdir)
       .run_steps(n) / .evaluate() / .state / .fit()   step-by-step use (notebooks)
+  jaxdml.evaluate(config, workdir) the newest checkpoint scored: eval.json (trains nothing)
+  jaxdml.load(workdir)          the trained model: .predict(x), .params, .model
   jaxdml.faults.parse(plan)     a fault plan string -> Faults ("nan@60,device_loss@100:3")
   jaxdml.plots.plot_run(workdir) loss/accuracy curves with every event marked (extra 'plots')
 """
@@ -63,6 +65,32 @@ def load_config(name_or_path: str) -> ml_collections.ConfigDict:
     return configs.load(name_or_path)
 
 
+def load(workdir: str, model=None):
+    """The model a run trained, from its params.npz: `.predict(x)` gives class indices,
+    `.model`, `.params`, `.config` (see jaxdml/export.py).
+
+    Args:
+      workdir: a finished run's folder (or one `--mode=eval` exported).
+      model: your own model object, for a run of your own module (default: built from
+        the run's model.json).
+    """
+    from jaxdml.export import load as load_workdir
+
+    return load_workdir(workdir, model)
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, data_path: str = "") -> dict:
+    """Scores the newest valid checkpoint of `workdir` on the test split (or a .npz file
+    of X, y); writes eval.json and params.npz; trains nothing. Returns eval.json's content.
+
+    Raises:
+      ConfigError: no checkpoint in `workdir`, or a bad data file.
+    """
+    from jaxdml.export import evaluate as evaluate_workdir
+
+    return evaluate_workdir(config, workdir, data_path)
+
+
 def __getattr__(name: str):
     if name == "Trainer":
         from jaxdml.training.trainer import Trainer
@@ -71,4 +99,7 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["ConfigError", "Trainer", "default_config", "load_config", "train", "validate"]
+__all__ = [
+    "ConfigError", "Trainer", "default_config", "evaluate", "load", "load_config", "train",
+    "validate",
+]  # fmt: skip

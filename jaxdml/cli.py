@@ -3,6 +3,8 @@ and the result table they print."""
 
 from __future__ import annotations
 
+import ast
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -80,12 +82,62 @@ def quiet_library_logs() -> None:
     logging.get_absl_handler().addFilter(_QuietLibraries())
 
 
+def config_variants(path: str) -> list[str]:
+    """The `:variant` arguments a config file's get_config(arg) tests for (`arg == "x"`,
+    `arg in ("x", "y")`), read from its source without running it."""
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    found: list[str] = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Compare) and isinstance(node.left, ast.Name)):
+            continue
+        if node.left.id != "arg":
+            continue
+        for value in node.comparators:
+            items = value.elts if isinstance(value, ast.Tuple | ast.List | ast.Set) else [value]
+            for item in items:
+                if isinstance(item, ast.Constant) and isinstance(item.value, str):
+                    found.append(item.value)
+    return list(dict.fromkeys(found))
+
+
+def config_listing(directory: str) -> str:
+    """The shipped configs (directory/*.py) with their variants and the first line of their
+    docstring, for --help."""
+    lines = ["Shipped configs (--config=configs/NAME.py or configs/NAME.py:VARIANT):"]
+    for name in sorted(os.listdir(directory)):
+        if not name.endswith(".py") or name.startswith("_"):
+            continue
+        path = os.path.join(directory, name)
+        with open(path) as f:
+            doc = (ast.get_docstring(ast.parse(f.read())) or "").strip().splitlines()
+        variants = "".join(f" :{v}" for v in config_variants(path))
+        lines.append(f"  configs/{name}{variants}")
+        if doc:
+            lines.append(f"      {doc[0]}")
+    lines.append(
+        "Every field (--config.SECTION.FIELD=VALUE), its default and its meaning: the\n"
+        "schema in jaxdml/config.py (default_config). --dry_run prints the resolved config."
+    )
+    return "\n".join(lines)
+
+
+def describe_eval(result: dict[str, Any]) -> str:
+    """eval.json as a few lines."""
+    return "\n".join(
+        f"{k:<16} {result[k]:.4f}" if isinstance(result[k], float) else f"{k:<16} {result[k]}"
+        for k in ("step", "accuracy", "loss", "rows", "data", "restored_from")
+    )
+
+
 def describe(result: dict[str, Any], events: list[dict] = ()) -> str:
     """A one-screen table of a result, and the faults and recoveries of the run."""
     keys = ("model", "data", "num_devices", "steps", "loss", "train_accuracy", "test_accuracy",
             "test_rmse", "test_r2", "baseline_rmse", "wall_time_s", "goodput", "lost_steps",
             "params_sha256")  # fmt: skip
     lines = []
+    if result.get("already_finished"):
+        lines.append("already finished: nothing trained; the run's result:")
     for k in keys:
         v = result.get(k)
         if v is not None:

@@ -17,7 +17,17 @@ from jaxdml import cli, configs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (also where checkpoints live).")
-flags.mark_flags_as_required(["config", "workdir"])
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Validate and print the config; train nothing.")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "eval"],
+    "train, or eval: score the newest valid checkpoint of --workdir (eval.json, params.npz).",
+)  # fmt: skip
+_EVAL_DATA = flags.DEFINE_string(
+    "eval_data", "", "--mode=eval: a .npz file (X, y) to score instead of the test split."
+)
+flags.mark_flags_as_required(["config"])
+
+CONFIG_DIR = os.path.dirname(os.path.abspath(configs.__file__))
 
 USAGE = "usage: jaxdml train --config=NAME_OR_PATH[:arg] --workdir=DIR [--config.FIELD=VALUE ...]"
 
@@ -31,8 +41,17 @@ def train_main(argv: list[str]) -> None:
     from jaxdml.faults.errors import GaveUp
     from jaxdml.metrics import EventLog
 
+    config = jaxdml.validate(cli.config_value(_CONFIG))
+    if _DRY_RUN.value:
+        print(config)
+        return
+    if not _WORKDIR.value:
+        raise jaxdml.ConfigError("--workdir is required (except with --dry_run)")
+    if _MODE.value == "eval":
+        print(cli.describe_eval(jaxdml.evaluate(config, _WORKDIR.value, _EVAL_DATA.value)))
+        return
     try:
-        result = jaxdml.train(cli.config_value(_CONFIG), _WORKDIR.value)
+        result = jaxdml.train(config, _WORKDIR.value)
     except GaveUp as e:
         print(f"gave up: {e} (report: {_WORKDIR.value}/report.json)", file=sys.stderr)
         sys.exit(EXIT_GAVE_UP)
@@ -69,7 +88,7 @@ def main() -> None:
     """Entry point of the `jaxdml` console script."""
     args = sys.argv[1:]
     if not args or args[0] in ("-h", "--help", "help"):
-        print(USAGE + "\nshipped configs: " + ", ".join(configs.names()))
+        print(USAGE + "\n" + cli.config_listing(CONFIG_DIR))
         sys.exit(0 if args else 2)
     if args[0] != "train":
         print(f"error: unknown command {args[0]!r}\n{USAGE}", file=sys.stderr)

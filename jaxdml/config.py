@@ -22,7 +22,7 @@ MODEL_LOSSES = ("auto", "cross_entropy", "squared_error", "huber")
 TRAIN_MODES = ("full_batch", "minibatch")
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "lbfgs", "pegasos")
 LR_SCHEDULES = ("constant", "warmup_cosine", "exponential", "step")
-RESUME_MODES = ("auto", "false", "auto_or_scratch")
+RESUME_MODES = ("auto", "false", "auto_or_scratch", "required")
 CPU_COLLECTIVES = ("gloo", "mpi")
 SVM_LOSSES = ("hinge", "squared_hinge")
 IMPUTE_METHODS = ("none", "mean", "median", "zero")
@@ -100,14 +100,21 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.dispatch_depth = 2  # steps in flight at most (unbounded depth deadlocks on CPU)
     c.train.donate = False  # donate the state buffers (False keeps the input alive for recovery)
     c.train.tensorboard = False  # also write TensorBoard events (needs the tensorboard extra)
+    # a tqdm progress bar with ETA on process 0 when stderr is a terminal or a notebook
+    # (never in a log file or a pipe); False: none. The log lines stay either way.
+    c.train.progress = True
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 0  # save every k steps (0: off)
-    c.checkpoint.every_secs = 0.0  # save every t seconds (0: off)
+    # save every t seconds (0: off). On by default, so a long run never loses more than
+    # this; a run shorter than it saves only at its end. Several processes agree on the
+    # step (jaxdml.liveness.Agreement), as for the memory tier's local_every_secs.
+    c.checkpoint.every_secs = 300.0
     c.checkpoint.max_to_keep = 3  # newest checkpoints kept
     c.checkpoint.keep_period = 0  # also keep every N-th step forever (0: off)
     c.checkpoint.async_save = True  # save in the background
-    c.checkpoint.resume = "auto"  # auto | false | auto_or_scratch
+    # auto | false | auto_or_scratch | required (no checkpoint: exit 2; eval-only runs)
+    c.checkpoint.resume = "auto"
     # The memory tier: each process also keeps its state in fast local storage, for warm
     # restarts that redo few steps; a restart takes its newest valid state before the
     # persistent tier's (docs/architecture.md, "Checkpoint tiers").
@@ -261,6 +268,7 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "train.fetch_every": _int_at_least(1),
     "train.donate": _bool,
     "train.tensorboard": _bool,
+    "train.progress": _bool,
     "checkpoint.every_steps": _int_at_least(0),
     "checkpoint.every_secs": _float_at_least(0.0),
     "checkpoint.max_to_keep": _int_at_least(1),

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging as std_logging
 import os
 from collections.abc import Mapping
 
@@ -105,6 +106,27 @@ def resolve(config: ml_collections.ConfigDict, env: Mapping[str, str] | None = N
     return settings
 
 
+class _NoBackendProbe:
+    """Drops JAX's INFO line about each platform it probed and did not find ("Unable to
+    initialize backend 'tpu'"): every CPU or GPU run printed it. Warnings pass."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or "Unable to initialize backend" not in (
+            record.getMessage()
+        )
+
+
+_BACKEND_PROBE = _NoBackendProbe()
+
+
+def quiet_backend_probe() -> None:
+    """Installs the filter above on JAX's backend logger (once; no effect on which
+    backends start)."""
+    logger = std_logging.getLogger("jax._src.xla_bridge")
+    if _BACKEND_PROBE not in logger.filters:
+        logger.addFilter(_BACKEND_PROBE)
+
+
 def initialize(config: ml_collections.ConfigDict) -> bool:
     """Joins the multi-process job described by `config` (no-op for a single process).
 
@@ -119,6 +141,7 @@ def initialize(config: ml_collections.ConfigDict) -> bool:
     Returns:
       True when this process is part of a multi-process job.
     """
+    quiet_backend_probe()
     settings = resolve(config)
     if not settings.multi_process:
         return False
@@ -187,9 +210,15 @@ def default_devices(config: ml_collections.ConfigDict) -> list[jax.Device]:
     return mesh_lib.select_devices(resolve(config).num_cpu_devices)
 
 
+_left_as: list[int] = []  # the index this process had in a job it has left (shutdown)
+
+
 def process_index() -> int:
-    """This process's index in the job (0 when single-process; never starts JAX)."""
-    return jax.process_index() if jax.distributed.is_initialized() else 0
+    """This process's index in the job (0 when single-process; never starts JAX). After
+    `shutdown`, still the index it had: the mains decide after it who reports."""
+    if jax.distributed.is_initialized():
+        return jax.process_index()
+    return _left_as[-1] if _left_as else 0
 
 
 def is_coordinator() -> bool:
@@ -251,6 +280,7 @@ def shutdown(timeout_secs: float, process_ids: list[int] | None = None) -> None:
     """
     if not jax.distributed.is_initialized():
         return
+    _left_as.append(jax.process_index())
     if not jax.config.jax_enable_recoverability:
         # JAX's own shutdown barrier holds the processes together; get_live_nodes below
         # would wait for peers that are already in it (measured: both aborted after the

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -65,13 +66,16 @@ class MetricsWriter(JsonlWriter):
     def __init__(self, workdir: str, tensorboard: bool = False):
         super().__init__(os.path.join(workdir, "metrics.jsonl"))
         self._tb = None
+        self._tb_dir = os.path.join(workdir, "tb")
+        self._restarts = 0
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
             except ImportError:
                 logging.warning("tensorboardX not installed: pip install 'jaxdml[tensorboard]'")
             else:
-                self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+                self._writer_class = SummaryWriter
+                self._tb = SummaryWriter(self._tb_dir)
 
     @property
     def tensorboard(self):
@@ -79,12 +83,24 @@ class MetricsWriter(JsonlWriter):
         return self._tb
 
     def truncate_after(self, step: int) -> None:
-        """Drops rows past `step`: a resumed run redoes those steps and logs them again."""
+        """Drops rows past `step`: a resumed run redoes those steps and logs them again.
+
+        TensorBoard's files are append-only: a new writer with `purge_step=step + 1`
+        records a restart there, and TensorBoard discards every earlier event at that
+        step or later, so it shows each step once, as metrics.jsonl does.
+        """
         kept = [r for r in self.rows() if r.get("step", 0) <= step]
         self._f.close()
         with open(self.path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
         self._f = open(self.path, "a")  # noqa: SIM115
+        if self._tb is not None:
+            self._tb.close()
+            # Its own file name even within the same second (the name has the time in
+            # seconds), sorting after the earlier ones: TensorBoard reads them in order.
+            self._restarts += 1
+            suffix = f".r{self._restarts:04d}"
+            self._tb = self._writer_class(self._tb_dir, purge_step=step + 1, filename_suffix=suffix)
 
     def write_rows(self, rows: list[dict]) -> None:
         super().write_rows(rows)
@@ -108,16 +124,18 @@ class EventLog(JsonlWriter):
     Args:
       workdir: run folder.
       clock: wall clock (injectable for tests).
-      tensorboard: a tensorboardX SummaryWriter to mirror events to (the
-        MetricsWriter's), or None. Each event becomes a scalar at its step,
-        `faults/<kind>` = 1 for an injected fault and `events/<kind>` = seconds
-        lost (0 when none) for the rest, plus its JSON line as text under `events`.
+      tensorboard: a function returning the tensorboardX SummaryWriter to mirror
+        events to (the MetricsWriter's `tensorboard`, which a resume replaces), or
+        None. Each event becomes a scalar at its step, `faults/<kind>` = 1 for an
+        injected fault and `events/<kind>` = seconds lost (0 when none) for the rest,
+        plus its JSON line as text under `events`.
     """
 
     def __init__(self, workdir: str, clock=time.time, tensorboard=None):
         super().__init__(os.path.join(workdir, "events.jsonl"))
         self._clock = clock
         self.tensorboard = tensorboard
+        self.listeners: list[Callable[[dict], None]] = []  # each gets every recorded row
 
     @staticmethod
     def read(workdir: str) -> list[dict]:
@@ -127,12 +145,14 @@ class EventLog(JsonlWriter):
     def record(self, kind: str, step: int, **fields: Any) -> dict:
         row = {"time": self._clock(), "kind": kind, "step": int(step), **fields}
         self.write(row)
-        if self.tensorboard is not None:
+        if self.tensorboard is not None and self.tensorboard() is not None:
             self._mirror(row)
+        for listener in self.listeners:
+            listener(row)
         return row
 
     def _mirror(self, row: dict) -> None:
-        tb, step = self.tensorboard, row["step"]
+        tb, step = self.tensorboard(), row["step"]
         if row["kind"] == "fault_injected":
             tb.add_scalar(f"faults/{row.get('fault_kind', 'unknown')}", 1.0, step)
         else:

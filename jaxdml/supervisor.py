@@ -121,7 +121,9 @@ class Supervisor:
             self._give_up(f"recovery budget spent ({self.cfg.max_recoveries}) at {kind}", target)
         if self.cfg.backoff_secs:
             self.sleep(min(30.0, self.cfg.backoff_secs * 2 ** (self.recoveries - 1)))
-        logging.warning("recovering from %s: %s", kind, error)
+        # The operator's one warning line per recovery comes when it is done, with its
+        # cost (jaxdml.training.progress); the error itself is for --v=1.
+        logging.vlog(1, "recovering from %s: %s", kind, error)
         if isinstance(error, RollbackNeeded):
             done = self._rollback(error, target)
         elif isinstance(error, SilentCorruption):

@@ -18,14 +18,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Floors, top first. A module is placed by the longest prefix that names it.
 LAYERS = [
     ["jaxdml.__init__", "jaxdml.commands"],
-    ["jaxdml.launch", "jaxdml.chaos"],
+    ["jaxdml.launch", "jaxdml.chaos", "jaxdml.export"],
     ["jaxdml.training.trainer"],
     ["jaxdml.supervisor", "jaxdml.training.loop"],
     ["jaxdml.training.step", "jaxdml.training.tree_step", "jaxdml.training.optimizers"],
     ["jaxdml.training.step_common", "jaxdml.accounting", "jaxdml.liveness"],
     ["jaxdml.training.tiers"],
     ["jaxdml.memory_tier"],
-    ["jaxdml.training.state", "jaxdml.training.hooks", "jaxdml.checkpoint", "jaxdml.training.rows"],
+    [
+        "jaxdml.training.state",
+        "jaxdml.training.hooks",
+        "jaxdml.checkpoint",
+        "jaxdml.training.rows",
+        "jaxdml.training.progress",
+    ],
     ["jaxdml.distributed", "jaxdml.plots", "jaxdml.goodput"],
     ["jaxdml.data", "jaxdml.cli", "jaxdml.tables", "jaxdml.configs"],
     ["jaxdml.config", "jaxdml.metrics"],

@@ -67,3 +67,14 @@ def test_notebook_runs_a_faulty_run_to_full_accuracy_and_plots_it(tmp_path):
     assert injected == ["nan", "device_loss", "bitflip", "device_loss"]
     with open(out["png"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_notebook_installs_the_checkout_it_lies_in_without_a_placeholder():
+    with open(NOTEBOOK) as f:
+        nb = json.load(f)
+    first_code = "".join(next(c for c in nb["cells"] if c["cell_type"] == "code")["source"])
+    assert "YOUR-ORG" not in first_code and "JAXDML_SOURCE = None" in first_code
+    ns: dict = {}
+    exec(compile(first_code, "<install cell>", "exec"), ns)  # jaxdml importable: no pip
+    assert ns["find_checkout"](os.path.join(REPO, "experiments")) == REPO
+    assert ns["find_checkout"]("/") is None

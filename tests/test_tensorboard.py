@@ -61,3 +61,50 @@ def test_tensorboard_gets_metrics_and_every_event(tmp_path):
     ]
     logged = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
     assert [t["kind"] for t in texts] == [e["kind"] for e in logged]
+
+
+def shown_scalars(logdir) -> dict[str, list[int]]:
+    """{tag: steps} as TensorBoard shows them: files in name order, and a restart
+    (SessionLog START at step S, tensorboardX's purge_step) hides every earlier event
+    at step S or later."""
+    from tensorboardX.proto import event_pb2
+
+    shown: dict[str, list[int]] = {}
+    for e in read_event_files(logdir):
+        if e.HasField("session_log") and e.session_log.status == event_pb2.SessionLog.START:
+            shown = {tag: [s for s in steps if s < e.step] for tag, steps in shown.items()}
+        for v in e.summary.value:
+            if v.HasField("simple_value"):
+                shown.setdefault(v.tag, []).append(e.step)
+    return shown
+
+
+def test_tensorboard_shows_each_step_once_after_a_sigkill_and_resume(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, run_cli, wait_until
+
+    args = [
+        "experiments.train", "--config=configs/seed_logreg.py:smoke", f"--workdir={tmp_path}",
+        "--config.train.num_steps=40", "--config.train.tensorboard=True",
+        "--config.train.fetch_every=2", "--config.checkpoint.every_steps=10",
+        "--config.checkpoint.local_every_secs=0", "--config.faults=hang@25",
+    ]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    events = tmp_path / "events.jsonl"
+    try:  # the hang's event flushes TensorBoard: steps past the checkpoint are on disk
+        assert wait_until(lambda: events.exists() and "hang" in events.read_text(), 120)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = shown_scalars(tmp_path / "tb")["loss"]
+    assert max(before) > 20  # steps 21.. will run again after the resume from step 20
+    done = run_cli(*args, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == list(range(1, 41))
+    assert shown_scalars(tmp_path / "tb")["loss"] == rows

@@ -13,6 +13,7 @@ from jaxdml.models.base import (
     check_model,
     is_boosted,
     loss_and_predictions,
+    row_losses,
 )
 from jaxdml.models.linear import LinearModel
 from jaxdml.models.mlp import mlp_classifier
@@ -80,4 +81,5 @@ __all__ = [
     "loss_and_predictions",
     "model_inputs",
     "num_steps",
+    "row_losses",
 ]

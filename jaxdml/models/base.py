@@ -125,6 +125,14 @@ def hits(model: Any, predicted: jax.Array, y: jax.Array) -> jax.Array:
     return (predicted == y).astype(jnp.float32)
 
 
+def row_losses(model: Any, params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
+    """The unweighted loss of each row [n] (no regularizer): the log loss of a tree
+    ensemble's margins, else the model's `per_sample_loss`."""
+    if is_boosted(model):
+        return model.gradients(model.margins(params, x), y, jnp.ones(y.shape, jnp.float32))[1]
+    return model.per_sample_loss(params, x, y)
+
+
 def is_boosted(model: Any) -> bool:
     """True for a tree ensemble grown round by round, False for a gradient-trained model."""
     return isinstance(model, BoostedModel)

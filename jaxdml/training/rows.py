@@ -7,7 +7,6 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from absl import logging
 
 from jaxdml.metrics import MetricsWriter
 from jaxdml.training.hooks import Hook, StepInfo
@@ -52,19 +51,14 @@ class EvalRows(Hook):
 
 
 class WriteRows(Hook):
-    """metrics.jsonl (and TensorBoard) rows; a progress line every `log_every` steps."""
+    """metrics.jsonl (and TensorBoard) rows (the log lines are jaxdml.training.progress's)."""
 
-    def __init__(self, metrics: MetricsWriter, log_every: int):
-        self.metrics, self.every = metrics, log_every
+    def __init__(self, metrics: MetricsWriter):
+        self.metrics = metrics
         self.last_row: dict = {}
 
     def on_metrics(self, rows: list[dict]) -> None:
         self.metrics.write_rows(rows)
-        for row in rows:
-            if row["step"] % self.every == 0:
-                logging.info(
-                    "step %d  loss %.5f  grad_norm %.3g", row["step"], row["loss"], row["grad_norm"]
-                )
         self.last_row = rows[-1]
 
 

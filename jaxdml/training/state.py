@@ -116,7 +116,33 @@ def params_sha256(params: Any) -> str:
     return h.hexdigest()
 
 
+def param_name(path: tuple) -> str:
+    """A parameter's readable name: its key path joined by '/' ("Dense_0/kernel", "w")."""
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
 def flat_params(params: Any) -> dict[str, np.ndarray]:
-    """{keypath: host array} of the parameters (what params.npz holds)."""
+    """{name: host array} of the parameters (what params.npz holds; see `param_name`)."""
     flat = jax.tree_util.tree_flatten_with_path(to_host(params))[0]
-    return {jax.tree_util.keystr(path): leaf for path, leaf in flat}
+    return {param_name(path): leaf for path, leaf in flat}
+
+
+def unflat_params(flat: dict[str, np.ndarray], like: Any) -> Any:
+    """The pytree of `like` (e.g. `jax.eval_shape(model.init, key)`) with its leaves taken
+    from `flat` by name, as `flat_params` wrote them.
+
+    Raises:
+      KeyError: a leaf of `like` has no array in `flat` (another model's parameters).
+      ValueError: an array has the wrong shape.
+    """
+    paths, treedef = jax.tree_util.tree_flatten_with_path(like)
+    leaves = []
+    for path, want in paths:
+        name = param_name(path)
+        if name not in flat:
+            raise KeyError(f"no parameter {name!r} (found {sorted(flat)})")
+        got = np.asarray(flat[name])
+        if got.shape != tuple(want.shape):
+            raise ValueError(f"parameter {name!r} has shape {got.shape}, expected {want.shape}")
+        leaves.append(got)
+    return jax.tree_util.tree_unflatten(treedef, leaves)

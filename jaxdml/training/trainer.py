@@ -9,6 +9,7 @@ or the injector.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -38,6 +39,7 @@ from jaxdml.supervisor import Supervisor
 from jaxdml.training.hooks import BeforeStep, Hook, StopWhen
 from jaxdml.training.loop import Loop
 from jaxdml.training.optimizers import build_optimizer
+from jaxdml.training.progress import Progress
 from jaxdml.training.rows import SPLITS, EvalRows, Pet, WriteRows, evaluation
 from jaxdml.training.state import (
     TrainState,
@@ -107,7 +109,7 @@ class Trainer:
         # Process 0 writes the run's records; the others keep theirs apart, per process.
         records = workdir if distributed.is_coordinator() else _process_dir(workdir)
         self.metrics = MetricsWriter(records, config.train.tensorboard)
-        self.events = EventLog(records, tensorboard=self.metrics.tensorboard)
+        self.events = EventLog(records, tensorboard=lambda: self.metrics.tensorboard)
         self.goodput = GoodputLog(records)  # the job's goodput record, across restarts
         self.tiers = Tiers(config, workdir, self.events.record)
         self.tiers.verify.every = config.supervisor.fingerprint_every
@@ -126,7 +128,10 @@ class Trainer:
         self.supervisor = supervisor
         self.accounting = Accounting(self.events, self.goodput)
         self.user_hooks = list(hooks)
-        self._rows = WriteRows(self.metrics, config.train.log_every)
+        self._rows = WriteRows(self.metrics)
+        show = config.train.progress and distributed.is_coordinator()
+        self.progress = Progress(self.num_steps, config.train.log_every, enabled=show)
+        self.events.listeners.append(lambda event: self.progress.on_event(event))
         self.set_devices(devices)
         self.agreement = liveness.Agreement(liveness.multi_process(), distributed.is_coordinator())
         self._start_time = time.time()
@@ -135,8 +140,29 @@ class Trainer:
         self.live_processes: list[int] | None = None  # set after a host loss: the survivors
         self._running: Loop | None = None  # the loop in progress (or the one that failed)
         self._restored_from: str | None = None  # the tier the state came from
+        self._trained_from = 0  # the step this process's training started at
         self._watch = self._watchdog()  # started by fit()
         self.state: TrainState = self.restore_or_init()
+        if distributed.is_coordinator():
+            self._write_model_info()
+
+    @property
+    def restored_from(self) -> str | None:
+        """The tier the starting state came from ('memory', 'persistent', 'broadcast';
+        None: a fresh state)."""
+        return self._restored_from
+
+    def _write_model_info(self) -> None:
+        """model.json: the config and the data's shape, all that `jaxdml.load` needs to
+        build the model again (jaxdml/export.py)."""
+        ds = self.dataset
+        info = {
+            "config": json.loads(self.config.to_json_best_effort()),
+            "num_features": ds.num_features,
+            "num_classes": ds.num_classes,
+            "class_names": [c.item() if isinstance(c, np.generic) else c for c in ds.class_names],
+        }
+        write_json(os.path.join(self.workdir, "model.json"), info)
 
     def _build_model(self, model: Any, optimizer: optax.GradientTransformation | None) -> None:
         config, ds = self.config, self.dataset
@@ -196,11 +222,11 @@ class Trainer:
                 raise
             logging.warning("%s; starting from scratch (resume=auto_or_scratch)", e)
             return self._fresh_state()
-        step = int(to_host(state.step))
+        step = self._trained_from = int(to_host(state.step))
         self.goodput.span("restore", time.perf_counter() - t0)
         if step:  # (a fresh state recorded its own)
             self.goodput.resume(step)
-        if step:
+        if step and c.checkpoint.resume != "required":  # an eval-only run resumes nothing
             self.record(
                 "resumed",
                 step,
@@ -217,6 +243,8 @@ class Trainer:
         abstract = abstract_state(self.model, self.optimizer, self.config.seed, self.mesh)
         restored = self.tiers.restore(abstract, self.problem, self.mesh)
         if restored is None:
+            if self.config.checkpoint.resume == "required":
+                raise ConfigError(f"no checkpoint in {self.workdir} (checkpoint.resume=required)")
             self._restored_from = None
             return self._fresh_state()
         state, step, self._restored_from = restored
@@ -263,7 +291,8 @@ class Trainer:
         if checkpoints:
             save = lambda tier, step, state: self.save_checkpoint(step, state, tier)  # noqa: E731
             hooks += self.tiers.hooks(save, self.agreement.decider)
-        hooks += [EvalRows(self.evaluate, self.config.train.eval_every), self._rows]
+        eval_rows = EvalRows(self.evaluate, self.config.train.eval_every)
+        hooks += [eval_rows, self._rows, self.progress]
         if checkpoints:  # fit(): goodput and step accounting, supervised or not
             hooks.append(self.accounting)
         if supervised:
@@ -274,6 +303,7 @@ class Trainer:
 
     def _loop(self, num_steps: int, hooks: list[Hook]) -> Loop:
         """A Loop over the current mesh; multi-process, in live_devices spans."""
+        self.progress.begin(int(to_host(self.state.step)))
         spans = None
         if self.agreement.multi:
             spans = liveness.Spans(lambda: self.devices, self.agreement)
@@ -467,6 +497,11 @@ class Trainer:
         predicted = {split: ds.predict(self._predict, variables, split) for split in SPLITS}
         return evaluation(task(self.model), predicted, ds)
 
+    def _last_logged_loss(self) -> float | None:
+        """The loss of the newest row in metrics.jsonl (no step ran in this process)."""
+        rows = self.metrics.rows()
+        return rows[-1].get("loss") if rows else None
+
     def stopped(self, step: int, signum: int | None) -> dict:
         """After a stop signal: the verified save is done; record it and close. The next
         start resumes."""
@@ -481,6 +516,7 @@ class Trainer:
     def close(self) -> None:
         """Waits for pending saves and closes every writer."""
         self.tiers.close()
+        self.progress.close()
         self.metrics.close()
         self.events.close()
         self.goodput.close()
@@ -499,10 +535,20 @@ class Trainer:
         self.close()
 
     def finish(self, extra: dict | None = None) -> dict:
-        """Writes and returns result.json for the current state (plus `extra` fields)."""
+        """Writes and returns result.json for the current state (plus `extra` fields).
+
+        A run that was already finished when this process started trains nothing: its
+        result.json is returned as it is (with `already_finished`), not replaced by one
+        that knows no loss and no goodput."""
+        previous = os.path.join(self.workdir, "result.json")
+        if self._trained_from >= self.num_steps and os.path.exists(previous):
+            with open(previous) as f:
+                result = {**json.load(f), "already_finished": True}
+            self.close()
+            return result
         result = {
             **self.evaluate(),
-            "loss": self._rows.last_row.get("loss"),
+            "loss": self._rows.last_row.get("loss", self._last_logged_loss()),
             "steps": int(to_host(self.state.step)),
             "num_devices": int(self.mesh.devices.size),
             "wall_time_s": time.time() - self._start_time,

@@ -98,6 +98,9 @@ def default_config() -> ml_collections.ConfigDict:
     # (and when the loop ends or fails): the loop never waits for the host at each step
     c.train.fetch_every = 25
     c.train.dispatch_depth = 2  # steps in flight at most (unbounded depth deadlocks on CPU)
+    # JAX's persistent compilation cache in WORKDIR/xla_cache (unless one is set already):
+    # a restarted process loads its step instead of compiling it again
+    c.train.compilation_cache = True
     c.train.donate = False  # donate the state buffers (False keeps the input alive for recovery)
     c.train.tensorboard = False  # also write TensorBoard events (needs the tensorboard extra)
     # a tqdm progress bar with ETA on process 0 when stderr is a terminal or a notebook
@@ -266,6 +269,7 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "train.log_every": _int_at_least(1),
     "train.dispatch_depth": _int_at_least(1),
     "train.fetch_every": _int_at_least(1),
+    "train.compilation_cache": _bool,
     "train.donate": _bool,
     "train.tensorboard": _bool,
     "train.progress": _bool,

@@ -127,6 +127,20 @@ def quiet_backend_probe() -> None:
         logger.addFilter(_BACKEND_PROBE)
 
 
+def compilation_cache(directory: str) -> str:
+    """Turns on JAX's persistent compilation cache in `directory` unless the user set one
+    (JAX_COMPILATION_CACHE_DIR or jax.config); returns the folder in use. Compilations
+    over 0.2 s are kept, so a restarted process (or a re-formed mesh seen before) loads
+    its step instead of compiling it (measured: warm-up 1.6 s -> 0.5 s, sgd_logreg).
+    The cache is process-global: the first folder set in a process stays in use."""
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        return current
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    return directory
+
+
 def initialize(config: ml_collections.ConfigDict) -> bool:
     """Joins the multi-process job described by `config` (no-op for a single process).
 

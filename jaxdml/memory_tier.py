@@ -99,7 +99,9 @@ class MemoryTier(Tier):
         leaves, treedef = jax.tree.flatten(abstract_state)
         arrays = []
         for i, abstract in enumerate(leaves):
-            host = np.load(os.path.join(self._step_dir(step), f"{i}.npy"), allow_pickle=False)
+            # Mapped, not read: the one copy is the one onto the device.
+            path = os.path.join(self._step_dir(step), f"{i}.npy")
+            host = np.load(path, mmap_mode="r", allow_pickle=False)
             if host.shape != abstract.shape or host.dtype != abstract.dtype:
                 raise ValueError(f"leaf {i} is {host.dtype}{host.shape}, want {abstract}")
             arrays.append(place_replicated(host, abstract))

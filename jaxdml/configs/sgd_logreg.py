@@ -3,7 +3,7 @@
 python -m experiments.train --config=configs/sgd_logreg.py --workdir=runs/sgd
 """
 
-from configs import seed_logreg
+from jaxdml.configs import seed_logreg
 
 
 def get_config(arg: str = ""):

@@ -99,6 +99,8 @@ class Trainer:
         self.config = validate(config)
         self.workdir = workdir
         distributed.initialize(config)  # multi-process only; before any JAX computation
+        if config.train.compilation_cache:
+            distributed.compilation_cache(os.path.join(workdir, "xla_cache"))
         # Before anything else starts JAX: simulated CPU devices must be set up front.
         devices = devices or distributed.default_devices(config)
         self.dataset = dataset or load_dataset(config.data)

@@ -3,6 +3,7 @@ and the steady-state step-time overhead of saving every k steps vs not saving.""
 
 from __future__ import annotations
 
+import os
 import shutil
 import statistics
 import tempfile
@@ -68,6 +69,44 @@ def _steps_per_second(state, every: int, steps: int) -> float:
     return steps / elapsed
 
 
+def _restore_seconds(state, repeats: int) -> tuple[float, float]:
+    """(median seconds to restore `state` from the memory tier, from the persistent tier):
+    each tier saves it once, sealed, then restores it `repeats` times (read, placed on the
+    device, checksum verified), as a warm and a cold restart would."""
+    import jax
+
+    from jaxdml.checkpoint import Checkpointer, fingerprint_hex
+    from jaxdml.memory_tier import MemoryTier
+
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state
+    )
+    local = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    folders = [
+        tempfile.mkdtemp(prefix="bench_warm_", dir=local),
+        tempfile.mkdtemp(prefix="bench_cold_"),
+    ]
+    tiers = [MemoryTier(os.path.join(folders[0], "t")), Checkpointer(os.path.join(folders[1], "t"))]
+    try:
+        out = []
+        for tier in tiers:
+            tier.save(1, state, {})
+            tier.approve(1, fingerprint_hex(state))
+            tier.wait()
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                restored = tier.restore_step(1, abstract, {})
+                jax.block_until_ready(restored[0])
+                times.append(time.perf_counter() - t0)
+            out.append(statistics.median(times))
+            tier.close()
+        return out[0], out[1]
+    finally:
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def run(ctx: Context) -> Section:
     """The checkpoint section: every state size of ctx.settings, a table and a bar plot."""
     s = ctx.settings
@@ -85,8 +124,11 @@ def _measure(size: int, s: Settings) -> dict:
     for _ in range(s.ckpt_repeats):  # interleaved, so drift hits both alike
         base.append(_steps_per_second(state, 0, s.ckpt_steps))
         with_ck.append(_steps_per_second(state, s.ckpt_every, s.ckpt_steps))
+    warm, cold = _restore_seconds(state, s.ckpt_repeats)
     return {
         "size_mb": size,
+        "restore_warm_s": warm,
+        "restore_cold_s": cold,
         "async_blocked_s": a_block,
         "async_total_s": a_total,
         "sync_blocked_s": s_block,

@@ -73,21 +73,24 @@ class Accounting(Hook):
         loss: the heartbeat timeout); recovery time counts from `detected` on."""
         recovery = dict(recovery)
         recovery["detect_seconds"] = max(0.0, recovery["detected"] - self.last_progress)
+        if self._pending is not None:  # the previous one failed before a step finished
+            self._close_recovery({"step": self._pending["step"], "time": time.time()}, False)
         self._pending = recovery
 
-    def _close_recovery(self, row: dict) -> None:
+    def _close_recovery(self, row: dict, finished: bool = True) -> None:
         """The recovery ends when its first step finished (the row's own wall time: rows
-        arrive in bulk, later)."""
+        arrive in bulk, later); not `finished`: another failure came first."""
         p, self._pending, step = self._pending, None, row["step"]
-        finished = self.clock() - max(0.0, time.time() - row["time"])
-        p["recover_seconds"] = max(0.0, finished - p.pop("detected"))
+        done_at = self.clock() - max(0.0, time.time() - row["time"])
+        p["recover_seconds"] = max(0.0, done_at - p.pop("detected"))
         seconds = p["recover_seconds"] + p["detect_seconds"]
         if self.goodput is not None:
             self.goodput.span("recovery", seconds)
         # This step's time (recompilation for the new mesh) is in seconds_lost already;
         # count a typical step's worth of it as productive.
-        others = [t for s, t in self.step_seconds.items() if s != step]
-        self.step_seconds[step] = statistics.median(others) if others else 0.0
+        if finished:
+            others = [t for s, t in self.step_seconds.items() if s != step]
+            self.step_seconds[step] = statistics.median(others) if others else 0.0
         kind, at = p.pop("kind"), p.pop("step")
         p.setdefault("devices", [])
         event = self.events.record(kind, at, seconds_lost=seconds, resumed_at=step, **p)

@@ -22,13 +22,20 @@ from typing import Any
 TrainState = Any  # jaxdml.training.state.TrainState (not imported: this module is a leaf)
 
 
+def _nothing() -> None:
+    pass
+
+
 @dataclasses.dataclass(frozen=True)
 class StepInfo:
     """A step just dispatched. `step` steps are done once it finishes; `state` is its
-    result (a future: reading it waits for the step, which the hot path must not do)."""
+    result (a future: reading it waits for the step, which the hot path must not do).
+    `flush()` finishes every dispatched step and hands its row to `on_metrics` now: a
+    checkpoint of this step must not outlive a kill that loses rows it covers."""
 
     step: int
     state: TrainState
+    flush: Callable[[], None] = _nothing
 
 
 class Hook:
@@ -64,6 +71,7 @@ class Periodic(Hook):
     loop started, not at once. Multi-process, clocks differ: `agree(due)` turns this
     process's "time is up" into the decision every process takes at the same step
     (jaxdml.liveness.Agreement); the default takes it as it is. `clock` is injectable.
+    `flush_first`: the rows of the steps so far are delivered before `fn` runs (saves).
     """
 
     fn: Callable[[int, TrainState], None]
@@ -71,6 +79,7 @@ class Periodic(Hook):
     every_secs: float = 0.0
     clock: Callable[[], float] = time.monotonic
     agree: Callable[[bool], bool] | None = None
+    flush_first: bool = False
     _last_time: float | None = None
     _last_step: int | None = None
 
@@ -85,6 +94,8 @@ class Periodic(Hook):
         self._last_step = info.step
         if due_steps or due_secs:
             self._last_time = now
+            if self.flush_first:
+                info.flush()
             self.fn(info.step, info.state)
         return False
 

@@ -30,8 +30,9 @@ class Loop:
     waits for step t - depth to finish (unbounded async dispatch of collectives
     deadlocks XLA's CPU rendezvous). Waiting reads nothing back: the metrics of
     finished steps stay on the device and are fetched in one transfer every
-    `fetch_every` finished steps (and when the loop ends or fails), then handed to the
-    hooks' `on_metrics`.
+    `fetch_every` finished steps (and for the first finished step, when a hook asks
+    through `StepInfo.flush` before a save, and when the loop ends or fails), then handed
+    to the hooks' `on_metrics`.
 
     With a `transaction`, steps run in spans of `span` steps, each span inside
     `transaction(end)` and finished there; a span is committed (its rows delivered, its
@@ -78,6 +79,10 @@ class Loop:
         self._finished: list[tuple[int, Any, float, float, float]] = []
         self._last_finish = 0.0
         self._host = 0.0  # seconds in after_step hooks since the previous finish
+        self._inflight: collections.deque = collections.deque()  # plain mode's dispatched steps
+        # The first finished step of a run is delivered at once: it tells the hooks that
+        # training goes on (a recovery's event is written then), whatever comes next.
+        self._delivered = False
 
     def run(self, state: TrainState) -> TrainState:
         """Trains until `num_steps` or until a hook asks to stop; returns the state of the
@@ -99,7 +104,7 @@ class Loop:
     # ------------------------------------------------------------------ one process
 
     def _run_plain(self, step: int, state: TrainState, pos: dict) -> TrainState:
-        inflight: collections.deque = collections.deque()
+        inflight = self._inflight = collections.deque()
         while step < self.num_steps:
             while len(inflight) >= self.dispatch_depth:
                 self._finish(*inflight.popleft())
@@ -140,7 +145,7 @@ class Loop:
                 raise
             step = end
             self.last_good = (step, state)
-            if len(self._finished) >= self.fetch_every:
+            if len(self._finished) >= self.fetch_every or not self._delivered:
                 self._deliver()
             if self._after_step(step, state):
                 break
@@ -176,9 +181,16 @@ class Loop:
         """Runs every hook's after_step; True when one asks to stop. Their time is the
         host work of the next finished step's row (`host_seconds`)."""
         t0 = self.clock()
-        stop = any([hook.after_step(StepInfo(step, state)) for hook in self.hooks])
+        info = StepInfo(step, state, self._flush)
+        stop = any([hook.after_step(info) for hook in self.hooks])
         self._host += self.clock() - t0
         return stop
+
+    def _flush(self) -> None:
+        """Finishes the steps in flight and delivers every queued row (a save asks)."""
+        while self._inflight:
+            self._finish(*self._inflight.popleft())
+        self._deliver()
 
     def _finish(self, step: int, state: TrainState, metrics, commit: bool = True) -> None:
         """Waits for a step (nothing is read back) and queues its metrics."""
@@ -188,7 +200,7 @@ class Loop:
         self._last_finish, self._host = now, 0.0
         if commit:
             self.last_good = (step, state)
-            if len(self._finished) >= self.fetch_every:
+            if len(self._finished) >= self.fetch_every or not self._delivered:
                 self._deliver()
 
     def _deliver(self) -> None:
@@ -196,6 +208,7 @@ class Loop:
         if not self._finished:
             return
         finished, self._finished = self._finished, []
+        self._delivered = True
         values = fetch([item[1] for item in finished])
         rows = [
             {"step": step, **unpack_metrics(host), "seconds": secs,

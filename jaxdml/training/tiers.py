@@ -156,7 +156,13 @@ class Tiers:
         if self.memory is not None:
             schedules.append((MEMORY, ck.local_every_steps, ck.local_every_secs))
         hooks: list[Hook] = [
-            Periodic(functools.partial(save, tier), steps, secs, agree=agree(f"save_{tier}"))
+            Periodic(
+                functools.partial(save, tier),
+                steps,
+                secs,
+                agree=agree(f"save_{tier}"),
+                flush_first=True,
+            )  # fmt: skip
             for tier, steps, secs in schedules
             if steps or secs
         ]

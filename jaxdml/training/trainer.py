@@ -131,6 +131,8 @@ class Trainer:
         self.accounting = Accounting(self.events, self.goodput)
         self.user_hooks = list(hooks)
         self._rows = WriteRows(self.metrics)
+        # One for the run: evaluations waiting for their rows survive a new loop.
+        self._eval_rows = EvalRows(self.evaluate, config.train.eval_every)
         show = config.train.progress and distributed.is_coordinator()
         self.progress = Progress(self.num_steps, config.train.log_every, enabled=show)
         self.events.listeners.append(lambda event: self.progress.on_event(event))
@@ -289,12 +291,12 @@ class Trainer:
 
     def _hooks(self, checkpoints: bool, supervised: bool, stop_when=None) -> list[Hook]:
         """The loop's hooks, in the order they run."""
-        hooks: list[Hook] = [BeforeStep(self.injector.before_step)]
+        # Evaluation before the saves: a save delivers the rows so far, its step's too.
+        hooks: list[Hook] = [BeforeStep(self.injector.before_step), self._eval_rows]
         if checkpoints:
             save = lambda tier, step, state: self.save_checkpoint(step, state, tier)  # noqa: E731
             hooks += self.tiers.hooks(save, self.agreement.decider)
-        eval_rows = EvalRows(self.evaluate, self.config.train.eval_every)
-        hooks += [eval_rows, self._rows, self.progress]
+        hooks += [self._rows, self.progress]
         if checkpoints:  # fit(): goodput and step accounting, supervised or not
             hooks.append(self.accounting)
         if supervised:

@@ -4,13 +4,30 @@ Tests that need another device count or several processes run a subprocess.
 """
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import jax
 import pytest
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+# One persistent compilation cache for the session and every process it starts: a step
+# that many tests build is compiled once, then loaded (jaxdml.distributed's
+# compilation_cache keeps a folder the user set, as this one is).
+XLA_CACHE = tempfile.mkdtemp(prefix="jaxdml-test-xla-")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = XLA_CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+jax.config.update("jax_compilation_cache_dir", XLA_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    del session, exitstatus
+    shutil.rmtree(XLA_CACHE, ignore_errors=True)
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

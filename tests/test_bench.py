@@ -69,11 +69,21 @@ def test_gpu_figures_exit_cleanly_without_a_gpu(tmp_path):
     assert "no GPU or TPU available" in proc.stdout and not os.listdir(tmp_path)
 
 
+# Below --quick's sizes: every section and plot is written, through the same code, with
+# the fewest runs that still exercise it (the suite's time budget is 15 minutes).
+SMOKE = (
+    "--set=ckpt_sizes_mb=1", "--set=ckpt_repeats=1", "--set=recovery_kinds=device_loss,sigkill",
+    "--set=goodput_seconds=12", "--set=goodput_every=5", "--set=goodput_calibration_steps=1000",
+    "--set=scaling_rows=10000,100000", "--set=scaling_devices=1,2", "--set=scaling_seconds=0.2",
+    "--set=scaling_device_rows=50000", "--set=models_only=mlp", "--set=models_data=digits",
+)  # fmt: skip
+
+
 @pytest.mark.slow
 def test_quick_benchmark_writes_every_section_and_valid_plots(tmp_path):
     out = tmp_path / "results"
     proc = subprocess.run(
-        [sys.executable, "scripts/bench.py", "--quick", f"--out={out}"],
+        [sys.executable, "scripts/bench.py", "--quick", f"--out={out}", *SMOKE],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -18,6 +18,7 @@ fault-free first, then with the faults; see jaxdml/chaos_random.py.
 import dataclasses
 import json
 import os
+import signal
 import sys
 
 from absl import flags
@@ -86,6 +87,8 @@ def main(argv: list[str]) -> None:
 
 
 def random_mode(overrides: list[str]) -> None:
+    # A SIGTERM to the runner unwinds it, so that it stops the job it runs on the way out.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     train = ["-m", "experiments.train", f"--config={_CONFIG.value}", *RANDOM_OVERRIDES, *overrides]
     launcher = [sys.executable, *LAUNCHER] if _LAUNCHER.value else []
     command = [*launcher, sys.executable, *train]

@@ -187,8 +187,8 @@ def _process_id(pid: int) -> int | None:
 class Job:
     """The job under test: started, watched and restarted as a scheduler would."""
 
-    def __init__(self, command: list[str], workdir: str, log_dir: str, launcher: bool):
-        self.command, self.workdir, self.launcher = command, workdir, launcher
+    def __init__(self, command: list[str], workdir: str, log_dir: str, launcher: bool, cwd=None):
+        self.command, self.workdir, self.launcher, self.cwd = command, workdir, launcher, cwd
         self.log_dir = log_dir
         self.marker = f"--workdir={workdir}"
         self.proc: subprocess.Popen | None = None
@@ -203,7 +203,11 @@ class Job:
         os.makedirs(self.log_dir, exist_ok=True)
         with open(os.path.join(self.log_dir, f"start_{self.starts:03d}.log"), "wb") as log:
             self.proc = subprocess.Popen(
-                self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                self.command,
+                cwd=self.cwd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         self.starts += 1
         self.started = time.time()
@@ -467,9 +471,11 @@ def run_random(
     seed: int,
     reference: bool = True,
     hang_secs: float = 120.0,
+    cwd: str | None = None,
 ) -> tuple[list[FaultRecord], Summary]:
     """A fault-free run of `command` (in base_dir/fault_free, when `reference`), then the
-    same command under `plan` (in base_dir/random); `command` lacks --workdir.
+    same command under `plan` (in base_dir/random); `command` lacks --workdir and runs
+    in `cwd` (default: this process's).
 
     Returns:
       (one record per fired fault, the summary).
@@ -477,11 +483,11 @@ def run_random(
     ref_dir = os.path.join(base_dir, "fault_free") if reference else None
     if ref_dir and not os.path.exists(os.path.join(ref_dir, "result.json")):
         ref_job = Job([*command, f"--workdir={ref_dir}"], ref_dir, os.path.join(ref_dir, "logs"),
-                      mode == "launcher")  # fmt: skip
+                      mode == "launcher", cwd)  # fmt: skip
         RandomChaos(ref_job, [], []).run()
     workdir = os.path.join(base_dir, "random")
     job = Job([*command, f"--workdir={workdir}"], workdir, os.path.join(base_dir, "logs"),
-              mode == "launcher")  # fmt: skip
+              mode == "launcher", cwd)  # fmt: skip
     chaos = RandomChaos(job, plan, save_folders(workdir), hang_secs=hang_secs)
     t0 = time.time()
     chaos.run()

@@ -271,11 +271,12 @@ class RandomChaos:
     """Runs `job` and fires `plan`'s faults at it (see the module docstring)."""
 
     def __init__(self, job: Job, plan: list[Fault], save_folders: list[str], hang_secs=120.0,
-                 save_wait=10.0, restore_wait=60.0, max_starts=None, tick=0.02):  # fmt: skip
+                 save_wait=10.0, restore_wait=60.0, max_starts=None, tick=0.02,
+                 no_effect_secs=20.0):  # fmt: skip
         self.job, self.plan, self.save_folders = job, plan, save_folders
         self.hang_secs, self.save_wait, self.restore_wait = hang_secs, save_wait, restore_wait
         self.max_starts = max_starts or 2 * len(plan) + 5
-        self.tick_secs = tick
+        self.tick_secs, self.no_effect_secs = tick, no_effect_secs
         self.metrics = JsonlTail(os.path.join(job.workdir, "metrics.jsonl"))
         self.events = JsonlTail(os.path.join(job.workdir, "events.jsonl"))
         self.event_rows: list[dict] = []
@@ -468,6 +469,14 @@ class RandomChaos:
                 self.open.remove(record)
                 return
             record.reached = max(record.reached, step)
+        # No effect: the target still runs and the job trained on well past the signal
+        # (a SIGINT that Python swallowed: raised inside a garbage-collection callback).
+        quiet = record.restarted_at is None and not record.kind.startswith("SIGSTOP")
+        late = bool(rows) and rows[-1][1] > record.fired + self.no_effect_secs
+        if quiet and late and _proc_alive(record.pid):
+            record.seen, record.resumed_from = rows[0][1], rows[0][0] - 1
+            record.reached = record.resumed_from  # nothing redone
+            self.open.remove(record)
 
 
 def run_random(

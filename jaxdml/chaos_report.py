@@ -97,7 +97,11 @@ def summarize(records: list[FaultRecord], workdir: str, reference: str | None, *
     if params is not None and ref is not None:
         bitwise = all(np.array_equal(params[k], ref[k]) for k in ref)
         rel = _rel_diff(params, ref)
-    measured = [r for r in records if r.superseded_by is None and r.seen is not None]
+    measured = [
+        r
+        for r in records
+        if r.superseded_by is None and r.seen is not None and r.path != "no effect"
+    ]
     paths = collections.Counter(r.path for r in records)
     completed = run["done"] and result.get("steps") == want and steps[-1:] == [want]
     return Summary(
@@ -123,7 +127,8 @@ def summarize(records: list[FaultRecord], workdir: str, reference: str | None, *
 def recovery_path(record: FaultRecord, events: list[dict], end: float) -> str:
     """hot / warm / cold from the first host_loss or resumed event after the signal (and
     before the next fault and this one's recovery); scratch (restarted from step 0),
-    continued (the same process went on), or '-' (never recovered)."""
+    continued (a held SIGSTOP: the same process went on), no effect (the signal changed
+    nothing: the process ran on), or '-' (never recovered)."""
     until = min(end, (record.seen or float("inf")) + 1.0)
     for e in events:
         if record.fired < e["time"] <= until:
@@ -135,7 +140,7 @@ def recovery_path(record: FaultRecord, events: list[dict], end: float) -> str:
         return "-"
     if record.restarted_at is not None and record.seen >= record.restarted_at:
         return "scratch"
-    return "continued"
+    return "continued" if record.continued_at is not None else "no effect"
 
 
 def _fmt(v, spec=".1f") -> str:

@@ -50,6 +50,9 @@ _LAUNCHER = flags.DEFINE_bool(
     "--nolauncher (default): one process, rerun until it completes.",
 )
 _HANG = flags.DEFINE_float("hang_secs", 120.0, "Random mode: no recovery this long = hung.")
+_REFERENCE = flags.DEFINE_bool(
+    "reference", True, "Random mode: run the config fault-free first and compare params."
+)
 _OUT = flags.DEFINE_string("out", "", "Random mode: also write the markdown table here.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -101,8 +104,9 @@ def random_mode(overrides: list[str]) -> None:
     except (ValueError, TypeError) as e:
         raise ConfigError(f"random mode: {e}") from e
     records, summary = chaos_random.run_random(
-        command, os.path.abspath(_WORKDIR.value), plan, mode, _SEED.value, hang_secs=_HANG.value
-    )
+        command, os.path.abspath(_WORKDIR.value), plan, mode, _SEED.value,
+        reference=_REFERENCE.value, hang_secs=_HANG.value,
+    )  # fmt: skip
     text = chaos_random.table(records, summary)
     print(text)
     for path in [os.path.join(_WORKDIR.value, "chaos_random.md"), _OUT.value]:

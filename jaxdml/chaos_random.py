@@ -457,11 +457,12 @@ class RandomChaos:
         hot = [e for e in self.event_rows if e["kind"] == "host_loss" and e["time"] > record.fired]
         hot_step = hot[0].get("resumed_at") if hot else None
         rows = []
-        for row in reversed(self.recent):  # in time order: the rows since the signal
+        for row in reversed(self.recent):  # the rows since the signal, newest first
             if row[1] <= record.fired:
                 break
             rows.append(row)
-        for step, t in reversed(rows):
+        rows.reverse()  # oldest first
+        for step, t in rows:
             after_restart = record.restarted_at is not None and t >= record.restarted_at
             after_cont = record.continued_at is not None and t > record.continued_at
             if after_restart or after_cont or step == hot_step:

@@ -2,6 +2,7 @@
 with, the report from fabricated runs, and one real run with signals from outside."""
 
 import json
+import os
 import shutil
 import sys
 
@@ -154,16 +155,16 @@ def test_the_report_fails_a_run_with_a_step_twice_or_other_params(tmp_path):
 def test_random_kills_of_one_process_complete_every_step_once_bitwise(tmp_path):
     """A real run: SIGKILL, SIGTERM and SIGINT at seeded random moments (any time or during
     a save) to one experiments.train process, rerun until it completes."""
-    plan = chaos_random.schedule(5, 3, ("SIGKILL", "SIGTERM", "SIGINT"), ("any", "save"))
+    plan = chaos_random.schedule(1, 3, ("SIGKILL", "SIGTERM", "SIGINT"), ("any", "save"))
     assert sorted(f.kind for f in plan) == ["SIGINT", "SIGKILL", "SIGTERM"]
     command = [
         sys.executable, "-m", "experiments.train", "--config=configs/seed_logreg.py",
-        "--config.train.num_steps=900", "--config.checkpoint.every_steps=20",
+        "--config.train.num_steps=1500", "--config.checkpoint.every_steps=20",
         "--config.checkpoint.local_every_steps=5",
     ]  # fmt: skip
     try:
         records, s = chaos_random.run_random(
-            command, str(tmp_path), plan, "single", 5, hang_secs=60, cwd=REPO
+            command, str(tmp_path), plan, "single", 1, hang_secs=60, cwd=REPO
         )
     finally:
         for d in ("random", "fault_free"):
@@ -175,3 +176,18 @@ def test_random_kills_of_one_process_complete_every_step_once_bitwise(tmp_path):
         assert r.seen is not None and r.path == ("warm" if r.resumed_from else "scratch"), r
         assert r.steps_redone <= 20, r  # the memory tier saves every 5 steps
     assert records[0].kill_to_training < 60
+
+
+def test_a_signal_the_job_ignored_is_no_effect_not_a_hang(tmp_path):
+    job = Job(["true"], str(tmp_path), str(tmp_path / "logs"), launcher=False)
+    chaos = RandomChaos(job, [], [], no_effect_secs=20.0)
+    record = FaultRecord(0, "SIGINT", "any", target="single", pid=os.getpid(), fired=100.0,
+                         reached=7)  # fmt: skip
+    chaos.open = [record]
+    chaos.recent.extend([(7, 99.9), (8, 100.5), (9, 110.0)])
+    chaos._update(record)
+    assert chaos.open == [record]  # 10 s after the signal: not yet
+    chaos.recent.append((10, 120.5))
+    chaos._update(record)
+    assert chaos.open == [] and record.seen == 100.5 and record.steps_redone == 0
+    assert recovery_path(record, [], float("inf")) == "no effect"

@@ -195,6 +195,7 @@ class Job:
         self.first_seen: dict[int, float] = {}  # worker pid -> wall clock first seen
         self.ids: dict[int, int] = {}  # worker pid -> its process id
         self.seen: set[int] = set()  # every pid of the job, for the leftover check
+        self.live: set[int] = set()  # the worker pids of the last look
         self.starts = 0
         self.started = float("-inf")  # wall clock of the newest start()
         self.exit_codes: list[int] = []
@@ -211,6 +212,7 @@ class Job:
             )
         self.starts += 1
         self.started = time.time()
+        self.live = set()  # the kernel may give the new process a pid seen before
         self.seen.add(self.proc.pid)
         self.workers()
 
@@ -226,15 +228,16 @@ class Job:
                 for task in os.listdir(f"/proc/{self.proc.pid}/task"):
                     with open(f"/proc/{self.proc.pid}/task/{task}/children") as f:
                         for p in map(int, f.read().split()):
-                            self.ids.setdefault(p, _process_id(p))
-                            if self.ids[p] is None:
-                                del self.ids[p]  # not exec'd yet: ask again next time
-                            elif _proc_alive(p):
+                            if p not in self.live or p not in self.ids:
+                                self.ids[p] = _process_id(p)  # None until it has exec'd
+                            if self.ids[p] is not None and _proc_alive(p):
                                 pids[p] = self.ids[p]
         now = time.time()
         for p in pids:
-            self.first_seen.setdefault(p, now)
+            if p not in self.live:  # a new process, also one with a pid used before
+                self.first_seen[p] = now
             self.seen.add(p)
+        self.live = set(pids)
         return pids
 
     def newest_start(self) -> float:

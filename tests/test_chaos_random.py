@@ -191,3 +191,18 @@ def test_a_signal_the_job_ignored_is_no_effect_not_a_hang(tmp_path):
     chaos._update(record)
     assert chaos.open == [] and record.seen == 100.5 and record.steps_redone == 0
     assert recovery_path(record, [], float("inf")) == "no effect"
+
+
+def test_a_restart_that_gets_a_pid_seen_before_counts_as_a_restart(tmp_path):
+    job = Job([sys.executable, "-c", "import time; time.sleep(30)"], str(tmp_path),
+              str(tmp_path / "logs"), launcher=False)  # fmt: skip
+    try:
+        job.start()
+        pid = job.proc.pid
+        job.first_seen[pid] = 10.0  # as if an earlier process of the job had this pid
+        job.live = set()  # what start() does: the live set of the last look is forgotten
+        job.workers()
+        assert job.first_seen[pid] > 10.0
+    finally:
+        job.kill()
+    assert not process_alive(pid)

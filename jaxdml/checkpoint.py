@@ -181,7 +181,12 @@ class Tier:
                 self.set_aside(p.step, p.rejected)
             elif self._primary:
                 seal = {"fingerprint": p.fingerprint}
-                _write_atomically(os.path.join(self._step_dir(p.step), SEAL), seal)
+                try:
+                    _write_atomically(os.path.join(self._step_dir(p.step), SEAL), seal)
+                except FileNotFoundError:
+                    # Pruned (max_to_keep) by the memory tier's writer thread after it
+                    # was seen committed: nothing is left to seal.
+                    logging.warning("checkpoint step %d was removed before its seal", p.step)
         self._pending = still
 
     def wait(self) -> None:

@@ -91,8 +91,12 @@ class MetricsWriter(JsonlWriter):
         """
         kept = [r for r in self.rows() if r.get("step", 0) <= step]
         self._f.close()
-        with open(self.path, "w") as f:
+        # A new file renamed over the old one: a kill during the rewrite leaves one of
+        # them whole (rewritten in place, it could cut the rows of steps that stay done).
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(tmp, self.path)
         self._f = open(self.path, "a")  # noqa: SIM115
         if self._tb is not None:
             self._tb.close()

@@ -18,7 +18,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Floors, top first. A module is placed by the longest prefix that names it.
 LAYERS = [
     ["jaxdml.__init__", "jaxdml.commands"],
-    ["jaxdml.launch", "jaxdml.chaos", "jaxdml.export"],
+    [
+        "jaxdml.launch",
+        "jaxdml.chaos",
+        "jaxdml.chaos_random",
+        "jaxdml.chaos_report",
+        "jaxdml.export",
+    ],
     ["jaxdml.training.trainer"],
     ["jaxdml.supervisor", "jaxdml.training.loop"],
     ["jaxdml.training.step", "jaxdml.training.tree_step", "jaxdml.training.optimizers"],

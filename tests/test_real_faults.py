@@ -4,6 +4,7 @@ sealing a corrupted checkpoint, Ctrl-C, bad input, data identity, no false alarm
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -281,4 +282,28 @@ def test_the_memory_tier_seals_only_approved_saves_and_restores_them(tmp_path, d
     assert sorted(n.split("-")[0] for n in os.listdir(tmp_path / "aside")) == ["1", "3"]
     with pytest.raises(CheckpointError, match="config.a"):
         tier.restore_step(2, abstract, {"config": {"a": 2}, "data": {"sha256": "x"}})
+    tier.close()
+
+
+def test_a_memory_tier_step_pruned_before_its_seal_is_dropped_not_a_crash(tmp_path, devices):
+    """The writer thread prunes old steps (max_to_keep) as newer ones commit; a step seen
+    committed can be gone by the time its seal is written (random chaos, single soak
+    seed 101: FileNotFoundError on .../750/jaxdml_seal.json.tmp ended the process)."""
+    from jaxdml.faults.detect import fingerprint_hex
+    from jaxdml.mesh import make_mesh, replicated
+
+    state = jax.device_put({"w": jnp.arange(4.0)}, replicated(make_mesh(devices[:2])))
+    tier = MemoryTier(str(tmp_path / "m"), str(tmp_path / "aside"), max_to_keep=2)
+    problem = {"config": {"a": 1}, "data": {"sha256": "x"}}
+    assert tier.save(5, state, dict(problem), wait=True)
+    committed = tier._committed
+    tier._committed = lambda step: True  # seen committed ...
+    shutil.rmtree(tmp_path / "m" / "5")  # ... then pruned by the writer
+    tier.approve(5, fingerprint_hex(state))  # seals: must not raise
+    tier._committed = committed
+    assert tier.valid_candidates() == ([], 0)
+    assert tier.save(10, state, dict(problem))
+    tier.approve(10, fingerprint_hex(state))
+    tier.wait()
+    assert tier.valid_candidates() == ([10], 0)
     tier.close()

@@ -16,4 +16,4 @@ __doc__ += "\n" + cli.config_listing(CONFIG_DIR) + "\n"
 
 if __name__ == "__main__":
     sys.argv = [sys.argv[0], *resolve_config_flags(sys.argv[1:])]
-    cli.run(train_main)
+    cli.run(train_main, training=True)

@@ -13,6 +13,7 @@ from absl import app, flags, logging
 
 from jaxdml.config import ConfigError
 from jaxdml.constants import EXIT_BAD_INPUT, EXIT_INTERRUPTED
+from jaxdml.faults import detect
 
 
 def _fail(message: str) -> NoReturn:
@@ -50,9 +51,11 @@ def config_value(holder) -> Any:
     return config
 
 
-def run(main: Callable[[list[str]], None]) -> None:
+def run(main: Callable[[list[str]], None], training: bool = False) -> None:
     """`app.run(main)` where a ConfigError (bad config or data) is a one-line error, exit 2,
-    and a Ctrl-C outside training (which saves and exits 130 itself) is a quiet exit 130."""
+    and a Ctrl-C outside training (which saves and exits 130 itself) is a quiet exit 130.
+    `training`: a Ctrl-C during start-up is kept for the training loop
+    (jaxdml.faults.detect.catch_early)."""
 
     def guarded(argv: list[str]) -> None:
         quiet_library_logs()
@@ -64,6 +67,8 @@ def run(main: Callable[[list[str]], None]) -> None:
             print("interrupted", file=sys.stderr)
             sys.exit(EXIT_INTERRUPTED)
 
+    if training:
+        detect.catch_early()
     app.run(guarded, flags_parser=parse_flags)
 
 

@@ -94,7 +94,7 @@ def main() -> None:
         print(f"error: unknown command {args[0]!r}\n{USAGE}", file=sys.stderr)
         sys.exit(2)
     sys.argv = [f"{os.path.basename(sys.argv[0])} train", *resolve_config_flags(args[1:])]
-    cli.run(train_main)
+    cli.run(train_main, training=True)
 
 
 if __name__ == "__main__":

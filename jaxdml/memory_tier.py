@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxdml.checkpoint import Tier, place_replicated
+from jaxdml.checkpoint import SEAL, Tier, place_replicated
 
 _META = "meta.json"
 
@@ -71,8 +71,18 @@ class MemoryTier(Tier):
         with open(os.path.join(tmp, _META), "w") as f:
             json.dump({**meta, "leaves": len(leaves)}, f)
         os.replace(tmp, self._step_dir(step))  # the commit
-        for old in self.steps()[: -self.max_to_keep]:
-            shutil.rmtree(self._step_dir(old), ignore_errors=True)
+        self._prune()
+
+    def _prune(self) -> None:
+        """Keeps the newest `max_to_keep` steps and, beyond them, the newest sealed one:
+        newer steps may still wait for their replicas' verdict (or never get one), and a
+        restart must find a valid step here, not fall back to the persistent tier."""
+        steps = self.steps()
+        sealed = [s for s in steps if os.path.exists(os.path.join(self._step_dir(s), SEAL))]
+        keep = set(steps[-self.max_to_keep :]) | set(sealed[-1:])
+        for old in steps:
+            if old not in keep:
+                shutil.rmtree(self._step_dir(old), ignore_errors=True)
 
     def _finish_writes(self) -> None:
         writes, self._writes = self._writes, []

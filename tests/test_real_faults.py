@@ -152,6 +152,27 @@ def test_ctrl_c_finishes_the_step_saves_exits_130_and_the_rerun_is_identical(tmp
     assert metric_steps(tmp_path) == list(range(1, 3001))
 
 
+def test_ctrl_c_during_start_up_is_kept_for_the_loop_not_lost(tmp_path):
+    """A SIGINT while the run starts (restore, compilation: JAX's callbacks run then, and
+    a KeyboardInterrupt raised in one is dropped by Python) stops the run after its first
+    step, saved, exit 130."""
+    cmd = [sys.executable, "-m", "experiments.train", f"--config={SMOKE}",
+           f"--workdir={tmp_path}", *COMMON, "--config.train.num_steps=3000"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:  # the run's records exist: the trainer is being built, no step has run
+        assert wait_until(lambda: (tmp_path / "goodput.jsonl").exists(), 120)
+        assert not (tmp_path / "metrics.jsonl").exists() or not metric_steps(tmp_path)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert b"Traceback" not in err and b"interrupted at step" in out
+    (stop,) = [e for e in events(tmp_path) if e["kind"] == "interrupted"]
+    assert stop["step"] < 3000 and str(stop["step"]) in os.listdir(tmp_path / "checkpoints")
+
+
 def test_a_rerun_after_the_workdir_was_deleted_starts_over(tmp_path):
     proc = train(tmp_path, "--config.faults=sigkill@43")
     assert proc.returncode == -9
@@ -306,4 +327,27 @@ def test_a_memory_tier_step_pruned_before_its_seal_is_dropped_not_a_crash(tmp_pa
     tier.approve(10, fingerprint_hex(state))
     tier.wait()
     assert tier.valid_candidates() == ([10], 0)
+    tier.close()
+
+
+def test_the_memory_tier_keeps_its_newest_sealed_step_while_newer_ones_wait(tmp_path):
+    """Steps still waiting for their replicas' verdict do not push the newest sealed step
+    out: a restart always finds a valid step in the memory tier (no fall back to the
+    persistent tier and its longer redo)."""
+    from jaxdml.checkpoint import fingerprint_hex
+
+    tier = MemoryTier(str(tmp_path / "m"), max_to_keep=2)
+    state = {"w": jnp.arange(3.0)}
+    tier.save(5, state, {})
+    tier.approve(5, fingerprint_hex(state))
+    tier.wait()
+    for step in (10, 15, 20):  # no verdict yet
+        tier.save(step, state, {})
+        tier.wait()
+    assert tier.steps() == [5, 15, 20]
+    tier.approve(20, fingerprint_hex(state))
+    tier.save(25, state, {})
+    tier.wait()
+    assert tier.steps() == [20, 25]
+    assert tier.valid_candidates()[0] == [20]  # (25 never got a verdict)
     tier.close()

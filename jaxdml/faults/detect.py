@@ -53,6 +53,20 @@ def fingerprint_hex(tree: Any) -> str:
 _fingerprint_jit = jax.jit(fingerprint)
 
 
+_EARLY: list[int] = []  # SIGINTs that came before training started (see catch_early)
+
+
+def catch_early() -> None:
+    """From now until training starts, a SIGINT is remembered instead of raised: raised
+    as KeyboardInterrupt it can land in a callback whose exceptions Python ignores (JAX's
+    garbage-collection hook), and the Ctrl-C is lost. `StopSignals` takes it up when
+    training starts: the run stops after its first step, saved (exit 130). Main thread
+    of a command-line process only (jaxdml.cli.run calls it)."""
+    import signal
+
+    signal.signal(signal.SIGINT, lambda signum, frame: _EARLY.append(signum))
+
+
 class StopSignals:
     """SIGTERM (a preemption notice) and SIGINT (Ctrl-C) -> finish the step, save, exit.
 
@@ -78,6 +92,8 @@ class StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._on_signal)
+        if _EARLY:  # a Ctrl-C during start-up
+            self.signum = _EARLY.pop(0)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -75,3 +75,29 @@ def test_a_fit_logs_every_step_exactly_once_with_bulk_fetching(tmp_path):
     Trainer(config, str(tmp_path), devices=jax.devices()[:4]).fit()
     steps = [r["step"] for r in read_jsonl(str(tmp_path / "metrics.jsonl"))]
     assert steps == list(range(1, 111))
+
+
+def test_a_failed_span_keeps_the_rows_of_the_spans_committed_before_it(trainer):
+    """Multi-process spans: a span that fails (a peer died) is dropped, and the rows of the
+    spans committed before it, still waiting for their bulk fetch, are delivered: the
+    recovery goes on after the last committed step, so nothing runs those steps again."""
+    import contextlib
+
+    class PeerDied(RuntimeError):
+        pass
+
+    @contextlib.contextmanager
+    def transaction(end):
+        yield
+        if end == 40:  # the span 31..40 fails as it is committed
+            raise PeerDied(end)
+
+    rows = Rows()
+    loop = Loop(
+        trainer.step_fn, trainer.batcher, trainer.mesh, STEPS, hooks=[rows],
+        fetch_every=25, transaction=transaction, span=10,
+    )  # fmt: skip
+    with pytest.raises(PeerDied):
+        loop.run(trainer.state)
+    assert loop.last_good[0] == 30
+    assert [r["step"] for r in rows.rows] == list(range(1, 31))

@@ -97,6 +97,12 @@ class Loop:
             else:
                 state = self._run_spans(step, state, pos)
             self._deliver()
+        except Exception:
+            # The rows of finished, committed steps still queued are delivered: recovery
+            # goes on after `last_good`, so those steps are not run again.
+            with contextlib.suppress(Exception):
+                self._deliver()
+            raise
         finally:
             self.seconds += self.clock() - t0
         return state

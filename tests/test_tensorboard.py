@@ -90,7 +90,7 @@ def test_tensorboard_shows_each_step_once_after_a_sigkill_and_resume(tmp_path):
     args = [
         "experiments.train", "--config=configs/seed_logreg.py:smoke", f"--workdir={tmp_path}",
         "--config.train.num_steps=40", "--config.train.tensorboard=True",
-        "--config.train.fetch_every=2", "--config.checkpoint.every_steps=10",
+        "--config.train.fetch_every=1", "--config.checkpoint.every_steps=10",
         "--config.checkpoint.local_every_secs=0", "--config.faults=hang@25",
     ]  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO,

@@ -128,14 +128,16 @@ def test_a_bit_flip_before_the_final_save_is_recovered_not_saved(tmp_path, refer
     assert max_rel_diff(tmp_path, reference) <= 1e-5
 
 
-def test_ctrl_c_finishes_the_step_saves_exits_130_and_the_rerun_is_identical(tmp_path, reference):
+def interrupt(workdir, ready, *overrides) -> dict:
+    """Starts a 3000-step run, sends SIGINT once `ready()`, and checks the clean stop:
+    exit 130, no traceback, one `interrupted` event at a step that was checkpointed.
+    Returns that event."""
     cmd = [sys.executable, "-m", "experiments.train", f"--config={SMOKE}",
-           f"--workdir={tmp_path}", *COMMON, "--config.train.num_steps=3000",
-           "--config.supervisor.fingerprint_every=7"]  # fmt: skip
+           f"--workdir={workdir}", *COMMON, "--config.train.num_steps=3000",
+           *overrides]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        metrics = tmp_path / "metrics.jsonl"
-        assert wait_until(lambda: metrics.exists() and len(metrics.read_bytes()) > 5000, 120)
+        assert wait_until(ready, 120)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=120)
     finally:
@@ -143,8 +145,17 @@ def test_ctrl_c_finishes_the_step_saves_exits_130_and_the_rerun_is_identical(tmp
             proc.kill()
     assert proc.returncode == 130, err[-3000:]
     assert b"Traceback" not in err and b"interrupted at step" in out
-    stop = [e for e in events(tmp_path) if e["kind"] == "interrupted"]
-    assert len(stop) == 1 and str(stop[0]["step"]) in os.listdir(tmp_path / "checkpoints")
+    (stop,) = [e for e in events(workdir) if e["kind"] == "interrupted"]
+    assert stop["step"] < 3000 and str(stop["step"]) in os.listdir(workdir / "checkpoints")
+    return stop
+
+
+def test_ctrl_c_finishes_the_step_saves_exits_130_and_the_rerun_is_identical(tmp_path, reference):
+    metrics = tmp_path / "metrics.jsonl"
+    interrupt(
+        tmp_path, lambda: metrics.exists() and len(metrics.read_bytes()) > 5000,
+        "--config.supervisor.fingerprint_every=7",
+    )  # fmt: skip
     proc = train(
         tmp_path, "--config.train.num_steps=3000", "--config.supervisor.fingerprint_every=7"
     )
@@ -156,21 +167,12 @@ def test_ctrl_c_during_start_up_is_kept_for_the_loop_not_lost(tmp_path):
     """A SIGINT while the run starts (restore, compilation: JAX's callbacks run then, and
     a KeyboardInterrupt raised in one is dropped by Python) stops the run after its first
     step, saved, exit 130."""
-    cmd = [sys.executable, "-m", "experiments.train", f"--config={SMOKE}",
-           f"--workdir={tmp_path}", *COMMON, "--config.train.num_steps=3000"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:  # the run's records exist: the trainer is being built, no step has run
-        assert wait_until(lambda: (tmp_path / "goodput.jsonl").exists(), 120)
-        assert not (tmp_path / "metrics.jsonl").exists() or not metric_steps(tmp_path)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err[-3000:]
-    assert b"Traceback" not in err and b"interrupted at step" in out
-    (stop,) = [e for e in events(tmp_path) if e["kind"] == "interrupted"]
-    assert stop["step"] < 3000 and str(stop["step"]) in os.listdir(tmp_path / "checkpoints")
+
+    def starting():  # the run's records exist: the trainer is being built, no step ran
+        records = (tmp_path / "goodput.jsonl").exists()
+        return records and (not (tmp_path / "metrics.jsonl").exists() or not metric_steps(tmp_path))
+
+    interrupt(tmp_path, starting)
 
 
 def test_a_rerun_after_the_workdir_was_deleted_starts_over(tmp_path):

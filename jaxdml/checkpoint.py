@@ -29,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from jaxdml import distributed
 from jaxdml.config import ConfigError
 from jaxdml.faults.detect import fingerprint_hex
 
@@ -365,6 +366,7 @@ class Checkpointer(Tier):
             keep_period=keep_period or None,
             enable_async_checkpointing=async_save,
             create=True,
+            async_options=_async_options(list(range(jax.process_count()))),
         )
         self.manager = ocp.CheckpointManager(self.directory, options=self._options)
         self._host_copies = False
@@ -389,6 +391,7 @@ class Checkpointer(Tier):
         options = dataclasses.replace(
             self._options,
             create=False,
+            async_options=_async_options(process_ids),
             multiprocessing_options=ocp.options.MultiprocessingOptions(
                 primary_host=min(process_ids),
                 active_processes=set(process_ids),
@@ -465,6 +468,12 @@ class Checkpointer(Tier):
             self.manager.close()
             if self._alone is not None:
                 self._alone.close()
+
+
+def _async_options(process_ids: list[int]) -> ocp.options.AsyncOptions:
+    """Orbax's background barriers (a save's commit and finalize) among `process_ids`
+    fail once a member is dead instead of waiting out their timeout (jaxdml.pulse)."""
+    return ocp.options.AsyncOptions(barrier_sync_fn=distributed.orbax_barrier(process_ids))
 
 
 def _local_copy(x: Any) -> Any:

@@ -24,6 +24,7 @@ import itertools
 import json
 import logging as std_logging
 import os
+import time
 from collections.abc import Mapping
 
 import jax
@@ -33,6 +34,7 @@ from absl import logging
 from jaxdml import mesh as mesh_lib
 from jaxdml.config import ConfigError
 from jaxdml.constants import ENV_COORDINATOR, ENV_NUM_CPU_DEVICES, ENV_NUM_PROCESSES, ENV_PROCESS_ID
+from jaxdml.pulse import Pulse
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,7 +197,35 @@ def initialize(config: ml_collections.ConfigDict) -> bool:
                 "a multi-process run cannot start in a process whose JAX backend already runs"
             ) from e
         raise
+    if config.supervisor.enabled:
+        _start_pulse(d.heartbeat_timeout_secs)
     return True
+
+
+_pulse: list[Pulse] = []  # this process's, while it is in a recoverable job
+
+
+def _start_pulse(dead_after: float) -> None:
+    def devices_of(process: int) -> list[int]:
+        return [int(d.id) for d in jax.devices() if d.process_index == process]
+
+    me = jax.process_index()
+    _pulse.append(Pulse(client(), me, dead_after, max(0.25, dead_after / 4), devices_of))
+
+
+def pulse() -> Pulse | None:
+    """This process's Pulse in a recoverable multi-process job, else None."""
+    return _pulse[-1] if _pulse else None
+
+
+def orbax_barrier(process_ids: list[int]):
+    """The barrier for Orbax's background threads among `process_ids`: one that fails
+    once a member is dead (jaxdml.pulse); None (Orbax's own) outside a recoverable job
+    or for one process."""
+    p = pulse()
+    if p is None or len(set(process_ids)) < 2:
+        return None
+    return p.orbax_barrier(process_ids)
 
 
 COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_timeout_seconds"
@@ -269,15 +299,21 @@ def exchange(name: str, value: object, timeout_secs: float, process_ids: list[in
     """Every process in `process_ids` shares a small JSON value; returns {process: value}.
 
     Through the coordination service's key-value store (no device collective): a peer
-    that never answers is an error after `timeout_secs`. `name` must be new for each
+    that never answers is an error after `timeout_secs`, one that died (in a recoverable
+    job, by its pulse) a HostLost within the heartbeat timeout. `name` must be new for each
     exchange in a job (the keys stay for the job's life).
     """
-    kv = client()
+    kv, p = client(), pulse()
     me = process_index()
     kv.key_value_set(f"jaxdml/exchange/{name}/{me}", json.dumps(value))
+    deadline = time.monotonic() + timeout_secs
     out = {}
     for pid in process_ids:
-        raw = kv.blocking_key_value_get(f"jaxdml/exchange/{name}/{pid}", int(timeout_secs * 1000))
+        key = f"jaxdml/exchange/{name}/{pid}"
+        if p is None or pid == me:
+            raw = kv.blocking_key_value_get(key, int(timeout_secs * 1000))
+        else:  # a dead peer fails the exchange at once (HostLost), not at the timeout
+            raw = p.get(key, pid, deadline)
         out[pid] = json.loads(raw)
     return out
 
@@ -306,6 +342,8 @@ def shutdown(timeout_secs: float, process_ids: list[int] | None = None) -> None:
         return
     ids = list(range(jax.process_count())) if process_ids is None else sorted(process_ids)
     barrier("finish", timeout_secs, ids)
+    while _pulse:  # after the barrier: no peer still waits on this one in a save
+        _pulse.pop().stop()
     if is_coordinator():
         client().get_live_nodes(ids)
     jax.distributed.shutdown()

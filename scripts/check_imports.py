@@ -38,7 +38,7 @@ LAYERS = [
         "jaxdml.training.rows",
         "jaxdml.training.progress",
     ],
-    ["jaxdml.distributed", "jaxdml.plots", "jaxdml.goodput"],
+    ["jaxdml.distributed", "jaxdml.pulse", "jaxdml.plots", "jaxdml.goodput"],
     ["jaxdml.data", "jaxdml.cli", "jaxdml.tables", "jaxdml.configs"],
     ["jaxdml.config", "jaxdml.metrics"],
     ["jaxdml.models", "jaxdml.faults", "jaxdml.mesh", "jaxdml.mapped", "jaxdml.training.__init__"],

@@ -70,3 +70,20 @@ def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+_TELLING = ("[launch]", "Traceback", "Error", "error", "Check failed", "Fatal", "F1", "E1", "W1")
+
+
+def log_excerpt(out: str, limit: int = 8000) -> str:
+    """What a failed multi-process run's log says: the launcher's lines, warnings, errors
+    and tracebacks, then the last lines; without the list of extension modules Python
+    prints on a fatal signal (it filled CI's whole excerpt once)."""
+    lines = [x for x in out.splitlines() if "Extension modules:" not in x and len(x) < 2000]
+    telling, traceback_left = [], 0
+    for x in lines:
+        traceback_left = 25 if "Traceback" in x else traceback_left - 1
+        if traceback_left > 0 or any(t in x for t in _TELLING):
+            telling.append(x)
+    text = "\n".join([*telling[-80:], "--- last lines ---", *lines[-30:]])
+    return text[-limit:]

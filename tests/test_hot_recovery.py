@@ -27,7 +27,7 @@ import pytest
 from configs import sgd_logreg
 from jaxdml.training.state import flat_params
 from jaxdml.training.trainer import Trainer
-from tests.conftest import REPO, wait_until
+from tests.conftest import REPO, log_excerpt, wait_until
 
 STEPS = 100
 COMMON = (
@@ -107,7 +107,7 @@ def assert_matches(workdir, reference):
 @pytest.mark.slow
 def test_killed_host_is_survived_in_process(tmp_path, reference):
     rc, out = launch(tmp_path, "--config.faults=host_loss@45:1", grow_back=-1)
-    assert rc == 0, out[-4000:]
+    assert rc == 0, log_excerpt(out)
     assert "process 1 exited -9 (lost)" in out and "cold_restart" not in out
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["steps"] == STEPS and result["num_devices"] == 2
@@ -131,7 +131,7 @@ def test_killed_host_is_survived_in_process(tmp_path, reference):
 @pytest.mark.slow
 def test_killed_coordinator_cold_restarts_from_the_newest_checkpoint(tmp_path, reference):
     rc, out = launch(tmp_path, "--config.faults=host_loss@50:0", max_restarts=2)
-    assert rc == 0, out[-4000:]
+    assert rc == 0, log_excerpt(out)
     restarts = [e for e in events(tmp_path) if e["kind"] == "cold_restart"]
     assert len(restarts) == 1 and restarts[0]["process"] == 0
     (resumed,) = [e for e in events(tmp_path) if e["kind"] == "resumed"]
@@ -146,7 +146,7 @@ def test_a_hung_process_becomes_an_exit_and_the_run_completes(tmp_path, referenc
         tmp_path, "--config.faults=hang@30:2", "--config.supervisor.watchdog_secs=5",
         max_restarts=2,
     )  # fmt: skip
-    assert rc == 0, out[-4000:]
+    assert rc == 0, log_excerpt(out)
     assert "exited 4" in out  # EXIT_HANG from a watchdog
     hangs = [e for e in events(tmp_path / "process_1") if e["kind"] == "hang"]
     assert len(hangs) == 1
@@ -185,7 +185,7 @@ def test_a_peer_killed_from_outside_at_a_random_moment_is_survived_then_grows_ba
         os.kill(children[1], signal.SIGKILL)
 
     rc, out = launch(tmp_path, "--config.train.num_steps=400", grow_back=2.0, during=kill_process_1)
-    assert rc == 0, out[-4000:]
+    assert rc == 0, log_excerpt(out)
     kinds = [e["kind"] for e in events(tmp_path)]
     assert "host_loss" in kinds and "grow_back" in kinds and "cold_restart" not in kinds
     (loss,) = [e for e in events(tmp_path) if e["kind"] == "host_loss"]
@@ -206,7 +206,7 @@ def test_a_stopped_peer_is_declared_dead_and_the_survivor_goes_on(tmp_path, refe
             os.kill(children[1], signal.SIGCONT)
 
     rc, out = launch(tmp_path, "--config.train.num_steps=400", during=stop_process_1)
-    assert rc == 0, out[-4000:]
+    assert rc == 0, log_excerpt(out)
     assert "host_loss" in [e["kind"] for e in events(tmp_path)]
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["steps"] == 400 and result["num_devices"] == 2
@@ -215,6 +215,6 @@ def test_a_stopped_peer_is_declared_dead_and_the_survivor_goes_on(tmp_path, refe
 @pytest.mark.slow
 def test_without_the_supervisor_a_multi_process_run_exits_0(tmp_path, reference):
     rc, out = launch(tmp_path, "--config.supervisor.enabled=false", hot=False)
-    assert rc == 0, out[-4000:]
+    assert rc == 0, log_excerpt(out)
     assert "exited 0 (done)" in out and "exited 134" not in out
     assert_matches(tmp_path, reference)

@@ -20,7 +20,7 @@ from jaxdml import distributed
 from jaxdml.config import ConfigError, default_config, validate
 from jaxdml.training.state import flat_params
 from jaxdml.training.trainer import Trainer
-from tests.conftest import REPO
+from tests.conftest import REPO, log_excerpt
 
 DEVICES_PER_PROCESS = 2
 CONFIGS = {"seed_logreg": seed_logreg, "sgd_logreg": sgd_logreg}
@@ -65,7 +65,7 @@ def _single_process(config_name: str, workdir, num_devices: int):
 def test_multi_process_training_matches_single_process(tmp_path, num_processes, config_name):
     workdir = tmp_path / "multi"
     rc, out = _launch_training(workdir, num_processes, config_name)
-    assert rc == 0, out[-4000:]
+    assert rc == 0, log_excerpt(out)
     total = num_processes * DEVICES_PER_PROCESS
     ref_result, ref_params = _single_process(config_name, tmp_path / "single", total)
 

@@ -131,7 +131,7 @@ class Tiers:
             _claim(mine, _run_token(workdir))
             self.memory = MemoryTier(
                 mine,
-                os.path.join(self.local_dir, "set_aside"),
+                os.path.join(self.local_dir, "set_aside", f"process_{me}"),
                 max_to_keep=ck.local_max_to_keep,
                 on_event=on_event,
             )

@@ -291,14 +291,17 @@ class Trainer:
 
     def _hooks(self, checkpoints: bool, supervised: bool, stop_when=None) -> list[Hook]:
         """The loop's hooks, in the order they run."""
+        hooks: list[Hook] = [BeforeStep(self.injector.before_step)]
+        if checkpoints:  # fit(): goodput and step accounting, supervised or not. First:
+            # its clock marks the step's dispatch, so a save that blocks (a dead peer in
+            # its barrier) counts toward the next failure's detection time.
+            hooks.append(self.accounting)
         # Evaluation before the saves: a save delivers the rows so far, its step's too.
-        hooks: list[Hook] = [BeforeStep(self.injector.before_step), self._eval_rows]
+        hooks.append(self._eval_rows)
         if checkpoints:
             save = lambda tier, step, state: self.save_checkpoint(step, state, tier)  # noqa: E731
             hooks += self.tiers.hooks(save, self.agreement.decider)
         hooks += [self._rows, self.progress]
-        if checkpoints:  # fit(): goodput and step accounting, supervised or not
-            hooks.append(self.accounting)
         if supervised:
             hooks += [*self.supervisor.hooks(self), Pet(self._watch)]
         if stop_when is not None:

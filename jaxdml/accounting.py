@@ -73,6 +73,10 @@ class Accounting(Hook):
         loss: the heartbeat timeout); recovery time counts from `detected` on."""
         recovery = dict(recovery)
         recovery["detect_seconds"] = max(0.0, recovery["detected"] - self.last_progress)
+        # Spans recorded while it lasted, from the last progress on (a save that blocked,
+        # the new mesh's compilation, a restore), are theirs, not the recovery's: goodput
+        # counts each second once. (Wall clock: the goodput log's.)
+        recovery["began"] = time.time() - (self.clock() - self.last_progress)
         if self._pending is not None:  # the previous one failed before a step finished
             self._close_recovery({"step": self._pending["step"], "time": time.time()}, False)
         self._pending = recovery
@@ -84,8 +88,10 @@ class Accounting(Hook):
         done_at = self.clock() - max(0.0, time.time() - row["time"])
         p["recover_seconds"] = max(0.0, done_at - p.pop("detected"))
         seconds = p["recover_seconds"] + p["detect_seconds"]
+        began = p.pop("began")
         if self.goodput is not None:
-            self.goodput.span("recovery", seconds)
+            within = self.goodput.spent_before(row["time"]) - self.goodput.spent_before(began)
+            self.goodput.span("recovery", max(0.0, seconds - within))
         # This step's time (recompilation for the new mesh) is in seconds_lost already;
         # count a typical step's worth of it as productive.
         if finished:

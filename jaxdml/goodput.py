@@ -62,19 +62,29 @@ class GoodputLog(JsonlWriter):
         self.life_start = process_start_time() if started is None else started
         self._spent = 0.0  # seconds of this life's spans so far
         self._claimed = 0.0  # seconds of in-loop spans not yet taken out of `host`
+        self._ends: list[tuple[float, float]] = []  # (when it ended, seconds) of each span
         self._started = False
         self.write({"kind": "life", "t": self.life_start})
 
-    def span(self, category: str, seconds: float, in_loop: bool = False) -> None:
-        """`seconds` spent in `category`, ending now. `in_loop`: spent inside the loop's
-        host work between steps (a periodic save), so not counted again as `host`."""
+    def span(
+        self, category: str, seconds: float, in_loop: bool = False, ended: float | None = None
+    ) -> None:
+        """`seconds` spent in `category`, ending now (or at `ended`, the log's clock).
+        `in_loop`: spent inside the loop's host work between steps (a periodic save), so
+        not counted again as `host`."""
         if category not in CATEGORIES:
             raise ValueError(f"unknown goodput category {category!r}")
+        ended = self.clock() if ended is None else ended
         self._spent += seconds
+        self._ends.append((ended, seconds))
         if in_loop:
             self._claimed += seconds
         self.write({"kind": "span", "category": category, "seconds": float(seconds),
-                    "t": self.clock()})  # fmt: skip
+                    "t": ended})  # fmt: skip
+
+    def spent_before(self, t: float) -> float:
+        """Seconds of this life's spans that ended by `t` (the log's clock)."""
+        return sum(seconds for end, seconds in self._ends if end <= t)
 
     def started(self) -> None:
         """Training starts: the life's time so far that no span claimed is `startup`."""
@@ -95,8 +105,8 @@ class GoodputLog(JsonlWriter):
         self.write({"kind": "steps", "first": rows[0]["step"], "last": rows[-1]["step"],
                     "seconds": [round(x, 6) for x in seconds], "host": host - claimed,
                     "t": self.clock()})  # fmt: skip
-        if compile_seconds:
-            self.span("compile", compile_seconds)
+        if compile_seconds:  # it ended with the first of these steps
+            self.span("compile", compile_seconds, ended=rows[0].get("time"))
 
     def resume(self, step: int) -> None:
         """Training goes on after `step` (a start, restart, rollback or re-formed mesh)."""

@@ -111,3 +111,41 @@ def test_a_rollback_counts_every_step_it_threw_away(tmp_path):
     assert summary["steps_redone"] == len(lost) == result["lost_steps"]
     assert summary["seconds"]["redone"] == pytest.approx(_device_seconds(lost), abs=1e-4)
     assert summary["steps_kept"] == 80 and summary["seconds"]["recovery"] > 0
+
+
+def test_a_hot_device_loss_counts_its_recovery_and_redone_steps(tmp_path):
+    """A device lost in-process: the survivors re-form the mesh from the state they hold.
+    The steps done twice are those delivered twice; the recovery's seconds are its
+    event's; the categories still cover the wall time."""
+    config = seed_logreg.get_config()
+    config.train.num_steps = 80
+    config.checkpoint.every_steps = 20
+    config.checkpoint.local_every_secs = 0.0
+    config.faults = "device_loss@45:3"
+    delivered = []
+    trainer = Trainer(
+        config, str(tmp_path), devices=jax.devices()[:4], hooks=[OnMetrics(delivered.extend)]
+    )
+    result = trainer.fit()
+    assert result["num_devices"] == 3
+    (loss,) = [e for e in read_jsonl(str(tmp_path / "events.jsonl")) if e["kind"] == "device_loss"]
+    seen: dict[int, list[dict]] = {}
+    for row in delivered:
+        seen.setdefault(row["step"], []).append(row)
+    twice = [rows[0] for rows in seen.values() if len(rows) > 1]  # the first pass's rows
+    summary = goodput.summarize(goodput.read(str(tmp_path)))
+    assert summary["steps_redone"] == len(twice) == loss["steps_redone"] == result["lost_steps"]
+    assert summary["seconds"]["redone"] == pytest.approx(_device_seconds(twice), abs=1e-4)
+    assert summary["steps_kept"] == 80
+    # The recovery's seconds are its event's, less the spans of other categories inside
+    # it (the new mesh's compilation): each second is counted once.
+    records = goodput.read(str(tmp_path))
+    began = next(r["t"] for r in records if r["kind"] == "resume" and r["step"] == 45)
+    window = (began - loss["detect_seconds"], began + loss["recover_seconds"])
+    inside = sum(
+        r["seconds"] for r in records
+        if r["kind"] == "span" and r["category"] != "recovery" and window[0] <= r["t"] <= window[1]
+    )  # fmt: skip
+    assert inside > 0.1  # the new mesh's step compiled
+    assert summary["seconds"]["recovery"] == pytest.approx(loss["seconds_lost"] - inside, abs=0.02)
+    assert sum(summary["seconds"].values()) == pytest.approx(summary["job_wall_seconds"], rel=0.01)

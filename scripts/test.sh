@@ -4,4 +4,4 @@ EXTRAS=test,datasets,tensorboard,plots
 source "$(dirname "$0")/_venv.sh"
 ruff check .
 ruff format --check .
-python -m pytest -q "$@"
+python -m pytest -q --durations=25 "$@"

@@ -87,26 +87,32 @@ def test_a_killed_and_restarted_job_counts_the_steps_it_redid(tmp_path, kill_at,
     assert set(result["badput"]) == {"productive", *goodput.CATEGORIES}
 
 
-def test_a_rollback_counts_every_step_it_threw_away(tmp_path):
+def _fit_in_process(workdir, faults: str):
+    """seed_logreg for 80 steps on 4 devices with `faults`: (result, every row delivered
+    to a hook in order, events.jsonl, the goodput records)."""
     config = seed_logreg.get_config()
     config.train.num_steps = 80
     config.checkpoint.every_steps = 20
     config.checkpoint.local_every_secs = 0.0
-    config.faults = "nan@45-49"
+    config.faults = faults
     delivered = []
     trainer = Trainer(
-        config, str(tmp_path), devices=jax.devices()[:4], hooks=[OnMetrics(delivered.extend)]
+        config, str(workdir), devices=jax.devices()[:4], hooks=[OnMetrics(delivered.extend)]
     )
     result = trainer.fit()
-    rollback = next(
-        e for e in read_jsonl(str(tmp_path / "events.jsonl")) if e["kind"] == "rollback"
-    )
+    events = read_jsonl(str(workdir / "events.jsonl"))
+    return result, delivered, events, goodput.read(str(workdir))
+
+
+def test_a_rollback_counts_every_step_it_threw_away(tmp_path):
+    result, delivered, events, records = _fit_in_process(tmp_path, "nan@45-49")
+    rollback = next(e for e in events if e["kind"] == "rollback")
     # The rows delivered before the replay began (steps go back down at the replay).
     replay = next(
         i for i in range(1, len(delivered)) if delivered[i]["step"] <= delivered[i - 1]["step"]
     )
     first_pass = delivered[:replay]
-    summary = goodput.summarize(goodput.read(str(tmp_path)))
+    summary = goodput.summarize(records)
     lost = [r for r in first_pass if r["step"] > rollback["restored_step"]]
     assert summary["steps_redone"] == len(lost) == result["lost_steps"]
     assert summary["seconds"]["redone"] == pytest.approx(_device_seconds(lost), abs=1e-4)
@@ -117,29 +123,19 @@ def test_a_hot_device_loss_counts_its_recovery_and_redone_steps(tmp_path):
     """A device lost in-process: the survivors re-form the mesh from the state they hold.
     The steps done twice are those delivered twice; the recovery's seconds are its
     event's; the categories still cover the wall time."""
-    config = seed_logreg.get_config()
-    config.train.num_steps = 80
-    config.checkpoint.every_steps = 20
-    config.checkpoint.local_every_secs = 0.0
-    config.faults = "device_loss@45:3"
-    delivered = []
-    trainer = Trainer(
-        config, str(tmp_path), devices=jax.devices()[:4], hooks=[OnMetrics(delivered.extend)]
-    )
-    result = trainer.fit()
+    result, delivered, events, records = _fit_in_process(tmp_path, "device_loss@45:3")
     assert result["num_devices"] == 3
-    (loss,) = [e for e in read_jsonl(str(tmp_path / "events.jsonl")) if e["kind"] == "device_loss"]
+    (loss,) = [e for e in events if e["kind"] == "device_loss"]
     seen: dict[int, list[dict]] = {}
     for row in delivered:
         seen.setdefault(row["step"], []).append(row)
     twice = [rows[0] for rows in seen.values() if len(rows) > 1]  # the first pass's rows
-    summary = goodput.summarize(goodput.read(str(tmp_path)))
+    summary = goodput.summarize(records)
     assert summary["steps_redone"] == len(twice) == loss["steps_redone"] == result["lost_steps"]
     assert summary["seconds"]["redone"] == pytest.approx(_device_seconds(twice), abs=1e-4)
     assert summary["steps_kept"] == 80
     # The recovery's seconds are its event's, less the spans of other categories inside
     # it (the new mesh's compilation): each second is counted once.
-    records = goodput.read(str(tmp_path))
     began = next(r["t"] for r in records if r["kind"] == "resume" and r["step"] == 45)
     window = (began - loss["detect_seconds"], began + loss["recover_seconds"])
     inside = sum(

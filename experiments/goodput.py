@@ -21,6 +21,10 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     summary = goodput.summarize(records)
     print(goodput.table(summary))
+    processes = goodput.per_process(workdir)
+    if len(processes) > 1:  # a multi-process job: where the processes' times differ
+        print("\nper process (process 0's record is the job's):\n")
+        print(goodput.process_table(processes))
     if _PLOT.value:
         try:
             goodput.plot(summary, _PLOT.value, title=os.path.basename(os.path.abspath(workdir)))

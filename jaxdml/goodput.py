@@ -15,13 +15,18 @@ checkpoint, memory tier, persistent tier, rollback or hot recovery); the time be
 one life's last record and the next life's start is `down` (the process was dead or
 restarting, with the work since its last record lost); what no category claims is
 `other`. The categories sum to the job's wall time (first life's start to the last
-record). Steps finished but not yet fetched when a process is killed (at most
-`train.fetch_every`) are in `down`, not in the redone steps.
+record). `fault_seconds` is what failures cost: redone, recovery and down, plus the
+start-up, restore and compilation of every life after the first and every compilation
+after a life's first (a loop restarted on a new mesh); 1 - its fraction of the wall time
+is the job's goodput relative to the same job without faults. Steps finished but not
+yet fetched when a process is killed (at most `train.fetch_every`) are in `down`, not in
+the redone steps.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 
 from jaxdml.metrics import JsonlWriter, read_jsonl
@@ -118,16 +123,46 @@ def read(workdir: str) -> list[dict]:
     return read_jsonl(os.path.join(workdir, FILE))
 
 
+def process_folders(workdir: str) -> dict[int, str]:
+    """Each process's record folder, by process index: process 0's is the run folder
+    (its record is the job's), process N's is `process_N` (multi-process jobs)."""
+    folders = {0: workdir}
+    for name in os.listdir(workdir) if os.path.isdir(workdir) else ():
+        match = re.fullmatch(r"process_(\d+)", name)
+        if match and os.path.exists(os.path.join(workdir, name, FILE)):
+            folders[int(match.group(1))] = os.path.join(workdir, name)
+    return dict(sorted(folders.items()))
+
+
+def per_process(workdir: str) -> list[dict]:
+    """Each process's own summary, with the detection and recovery seconds of each of its
+    in-process recoveries (from its events.jsonl). In a multi-process job they differ: a
+    survivor detects a lost peer and recovers, a restarted process was `down`, and each
+    process's record ends at its own last write."""
+    out = []
+    for index, folder in process_folders(workdir).items():
+        summary = summarize(read_jsonl(os.path.join(folder, FILE)))
+        recoveries = [
+            {k: e[k] for k in ("kind", "step", "detect_seconds", "recover_seconds")}
+            for e in read_jsonl(os.path.join(folder, "events.jsonl"))
+            if "recover_seconds" in e and "detect_seconds" in e
+        ]
+        out.append({"process": index, **summary, "recoveries": recoveries})
+    return out
+
+
 def summarize(records: list[dict]) -> dict:
     """The job's goodput and badput per category (seconds and fractions of wall time),
     with the steps done, kept and redone and the number of process lives."""
     seconds = dict.fromkeys(("productive", *CATEGORIES), 0.0)
     done: list[tuple[int, list[float]]] = []  # (first step, each step's seconds) still kept
     lives, redone_steps, start, last_t = 0, 0, None, None
+    restarts = 0.0  # start-up, restore and compilation that a fault-free job does not pay
+    compiles = 0  # compilations in this life (the first is the warm-up)
     for r in records:
         kind = r["kind"]
         if kind == "life":
-            lives += 1
+            lives, compiles = lives + 1, 0
             if start is None:
                 start = r["t"]
             elif last_t is not None:
@@ -136,7 +171,14 @@ def summarize(records: list[dict]) -> dict:
             continue
         last_t = max(last_t if last_t is not None else r["t"], r["t"])
         if kind == "span":
-            seconds[r["category"]] += r["seconds"]
+            category = r["category"]
+            seconds[category] += r["seconds"]
+            if category == "compile":
+                compiles += 1
+            if (category in ("startup", "restore") and lives > 1) or (
+                category == "compile" and (lives > 1 or compiles > 1)
+            ):
+                restarts += r["seconds"]
         elif kind == "steps":
             done.append((r["first"], list(r["seconds"])))
             seconds["host"] += r.get("host", 0.0)
@@ -147,9 +189,14 @@ def summarize(records: list[dict]) -> dict:
     seconds["productive"] = sum(sum(each) for _, each in done)
     wall = (last_t - start) if start is not None else 0.0
     seconds["other"] = max(0.0, wall - sum(v for k, v in seconds.items() if k != "other"))
+    faults = seconds["redone"] + seconds["recovery"] + seconds["down"] + restarts
     return {
         "job_wall_seconds": wall,
         "job_goodput": seconds["productive"] / wall if wall > 0 else 0.0,
+        # What the failures cost: redone steps, in-process recovery, time down, and the
+        # start-up, restore and compilation of the lives and loops that followed them.
+        "fault_seconds": faults,
+        "fault_fraction": faults / wall if wall > 0 else 0.0,
         "seconds": seconds,
         "fractions": {k: (v / wall if wall > 0 else 0.0) for k, v in seconds.items()},
         "steps_kept": sum(len(each) for _, each in done),
@@ -175,13 +222,34 @@ def table(summary: dict) -> str:
     lines = [
         f"job wall time {summary['job_wall_seconds']:.1f} s over {summary['lives']} process "
         f"lives; goodput {summary['job_goodput']:.3f}; steps kept {summary['steps_kept']}, "
-        f"redone {summary['steps_redone']}",
+        f"redone {summary['steps_redone']}; the faults cost {summary['fault_seconds']:.2f} s "
+        f"({100 * summary['fault_fraction']:.1f}%: redone, recovery, down and restarts)",
         "",
         "| category | seconds | percent |",
         "|---|---:|---:|",
     ]
     for k, v in summary["seconds"].items():
         lines.append(f"| {k} | {v:.2f} | {100 * summary['fractions'][k]:.1f} |")
+    return "\n".join(lines)
+
+
+def process_table(processes: list[dict]) -> str:
+    """Per-process lines (markdown): goodput, lives, redone steps, down and recovery
+    seconds, and each in-process recovery's detection + recovery seconds."""
+    lines = [
+        "| process | lives | goodput | steps redone | down s | recovery s "
+        "| recoveries (detect + recover s) |",
+        "|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for p in processes:
+        each = ", ".join(
+            f"{r['kind']}@{r['step']}: {r['detect_seconds']:.2f} + {r['recover_seconds']:.2f}"
+            for r in p["recoveries"]
+        )
+        lines.append(
+            f"| {p['process']} | {p['lives']} | {p['job_goodput']:.3f} | {p['steps_redone']} "
+            f"| {p['seconds']['down']:.2f} | {p['seconds']['recovery']:.2f} | {each or '-'} |"
+        )
     return "\n".join(lines)
 
 

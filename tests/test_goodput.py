@@ -20,13 +20,15 @@ from tests.conftest import run_cli
 def test_summary_cuts_redone_steps_and_sums_to_the_wall_time():
     records = [
         {"kind": "life", "t": 100.0},
-        {"kind": "span", "category": "startup", "seconds": 2.0, "t": 102.0},
-        {"kind": "resume", "step": 0, "t": 102.0},
+        {"kind": "span", "category": "startup", "seconds": 1.5, "t": 101.5},
+        {"kind": "resume", "step": 0, "t": 101.5},
+        {"kind": "span", "category": "compile", "seconds": 0.5, "t": 102.0},  # warm-up
         {"kind": "steps", "first": 1, "last": 10, "seconds": [1.0] * 10, "t": 112.0},
         {"kind": "steps", "first": 11, "last": 20, "seconds": [1.0] * 10, "t": 122.0},
         {"kind": "life", "t": 130.0},  # killed after step 20; 8 s down
-        {"kind": "span", "category": "restore", "seconds": 1.0, "t": 131.0},
-        {"kind": "resume", "step": 15, "t": 131.0},  # steps 16..20 are done again
+        {"kind": "span", "category": "restore", "seconds": 0.75, "t": 130.75},
+        {"kind": "resume", "step": 15, "t": 130.75},  # steps 16..20 are done again
+        {"kind": "span", "category": "compile", "seconds": 0.25, "t": 131.0},
         {"kind": "steps", "first": 16, "last": 30, "seconds": [1.0] * 15, "t": 146.0},
     ]
     s = goodput.summarize(records)
@@ -36,6 +38,35 @@ def test_summary_cuts_redone_steps_and_sums_to_the_wall_time():
     assert s["seconds"]["down"] == pytest.approx(8.0)
     assert sum(s["seconds"].values()) == pytest.approx(46.0)
     assert s["job_goodput"] == pytest.approx(30.0 / 46.0)
+    # The faults' cost: redone 5 + down 8 + the second life's restore and compilation
+    # (the first life's warm-up compilation a fault-free job pays too).
+    assert s["fault_seconds"] == pytest.approx(5.0 + 8.0 + 0.75 + 0.25)
+    assert s["fault_fraction"] == pytest.approx(14.0 / 46.0)
+
+
+def test_per_process_records_keep_each_process_detection_and_recovery(tmp_path):
+    """A multi-process job: process 0's record is the job's; each process's own summary
+    and in-process recoveries (from its events) are listed apart, where they differ."""
+
+    def write(folder, records, events):
+        folder.mkdir(exist_ok=True)
+        (folder / goodput.FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
+        (folder / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+
+    life = [{"kind": "life", "t": 0.0}, {"kind": "resume", "step": 0, "t": 1.0}]
+    steps = {"kind": "steps", "first": 1, "last": 4, "seconds": [1.0] * 4, "t": 5.0}
+    survivor = {"kind": "host_loss", "step": 4, "detect_seconds": 3.1, "recover_seconds": 0.7}
+    write(tmp_path, [*life, steps], [survivor, {"kind": "resumed", "step": 2}])
+    write(tmp_path / "process_1", [*life, steps, {"kind": "life", "t": 9.0}], [])
+    (tmp_path / "process_2").mkdir()  # no record (yet): not listed
+
+    processes = goodput.per_process(str(tmp_path))
+    assert [p["process"] for p in processes] == [0, 1]
+    assert processes[0]["recoveries"] == [survivor] and processes[1]["recoveries"] == []
+    assert processes[1]["lives"] == 2 and processes[1]["seconds"]["down"] == pytest.approx(4.0)
+    text = goodput.process_table(processes)
+    assert "| 0 | 1 | 0.800 | 0 | 0.00 | 0.00 | host_loss@4: 3.10 + 0.70 |" in text
+    assert "| 1 | 2 | 0.444 | 0 | 4.00 | 0.00 | - |" in text
 
 
 def _device_seconds(rows):

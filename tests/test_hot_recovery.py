@@ -25,6 +25,8 @@ import numpy as np
 import pytest
 
 from configs import sgd_logreg
+from jaxdml import goodput
+from jaxdml.metrics import read_jsonl
 from jaxdml.training.state import flat_params
 from jaxdml.training.trainer import Trainer
 from tests.conftest import REPO, log_excerpt, wait_until
@@ -130,7 +132,21 @@ def test_killed_host_is_survived_in_process(tmp_path, reference):
 
 @pytest.mark.slow
 def test_killed_coordinator_cold_restarts_from_the_newest_checkpoint(tmp_path, reference):
-    rc, out = launch(tmp_path, "--config.faults=host_loss@50:0", max_restarts=2)
+    """The whole group restarts from the memory tier; the job's goodput record counts
+    the first life's steps past the restart point as redone, as its metrics show them."""
+    first_life: list[dict] = []
+
+    def keep_first_life_rows(launcher_pid):
+        assert wait_until(lambda: len(_children(launcher_pid)) == 2, 60, interval=0.01)
+        first = _children(launcher_pid)[0]  # process 0, which writes metrics.jsonl
+        # It kills itself; its rows are final then, and the restarted group takes seconds
+        # (imports, restore) before it truncates them to the restart point.
+        assert wait_until(lambda: not _alive(first), 120, interval=0.01)
+        first_life.extend(read_jsonl(str(tmp_path / "metrics.jsonl")))
+
+    rc, out = launch(
+        tmp_path, "--config.faults=host_loss@50:0", max_restarts=2, during=keep_first_life_rows
+    )
     assert rc == 0, log_excerpt(out)
     restarts = [e for e in events(tmp_path) if e["kind"] == "cold_restart"]
     assert len(restarts) == 1 and restarts[0]["process"] == 0
@@ -138,6 +154,20 @@ def test_killed_coordinator_cold_restarts_from_the_newest_checkpoint(tmp_path, r
     assert resumed["source"] == "memory" and 45 <= resumed["step"] <= 50
     assert json.loads((tmp_path / "result.json").read_text())["num_devices"] == 4
     assert_matches(tmp_path, reference)
+
+    summary = goodput.summarize(goodput.read(str(tmp_path)))
+    lost = [r for r in first_life if r["step"] > resumed["step"]]
+    assert summary["lives"] == 2 and summary["steps_kept"] == STEPS
+    assert summary["steps_redone"] == len(lost)
+    device_seconds = sum(max(0.0, r["seconds"] - r["host_seconds"]) for r in lost)
+    assert summary["seconds"]["redone"] == pytest.approx(device_seconds, abs=1e-4)
+    assert summary["seconds"]["down"] > 0
+    assert sum(summary["seconds"].values()) == pytest.approx(summary["job_wall_seconds"], rel=0.01)
+    # Process 1 was stopped by the launcher and restarted too: its own record has two
+    # lives, and the same steps kept.
+    processes = goodput.per_process(str(tmp_path))
+    assert [p["process"] for p in processes] == [0, 1]
+    assert processes[1]["lives"] == 2 and processes[1]["steps_kept"] == STEPS
 
 
 @pytest.mark.slow

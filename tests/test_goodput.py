@@ -112,7 +112,8 @@ def test_a_killed_and_restarted_job_counts_the_steps_it_redid(tmp_path, kill_at,
     # The categories cover the job's wall time, which is the clock's from the first
     # process's start to the last record (within the test's own bracket).
     assert sum(summary["seconds"].values()) == pytest.approx(summary["job_wall_seconds"], rel=0.01)
-    assert 0.8 * (t_end - t_start) < summary["job_wall_seconds"] <= t_end - t_start
+    # (Outside the records: process spawn and interpreter exit, ~1 s each when loaded.)
+    assert 0.7 * (t_end - t_start) < summary["job_wall_seconds"] <= t_end - t_start
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["job_goodput"] == pytest.approx(summary["job_goodput"], rel=0.05)
     assert set(result["badput"]) == {"productive", *goodput.CATEGORIES}

@@ -140,6 +140,59 @@ def make_classification(
 
 
 def _sklearn_arrays(cfg: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's data set or make_classification, through a local cache: importing
+    scikit-learn takes ~1.8 s (scipy), which every process start (and so every restart)
+    would pay again for the same arrays."""
+    import zipfile
+    from importlib import metadata
+
+    try:
+        version = metadata.version("scikit-learn")
+    except metadata.PackageNotFoundError:
+        version = ""
+    fields = ["name"]
+    if cfg.name == "make_classification":  # a bundled set is named by its name alone
+        fields += ["n_samples", "n_features", "n_informative", "n_classes", "random_state"]
+    params = "|".join([version, *(f"{k}={cfg.get(k)}" for k in fields)])
+    key = hashlib.sha256(params.encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir(), f"sklearn-{cfg.name}-{key}.npz") if version else ""
+    if path and os.path.exists(path):
+        try:
+            with np.load(path) as f:
+                return f["x"], f["y"]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            pass  # a torn or foreign file: made again below
+    x, y = _sklearn_generate(cfg)
+    if path:
+        _save_quietly(path, x=x, y=y)
+    return x, y
+
+
+def cache_dir() -> str:
+    """Where generated data sets are kept between processes: $JAXDML_CACHE_DIR, else
+    $XDG_CACHE_HOME/jaxdml, else ~/.cache/jaxdml. Safe to delete."""
+    if os.environ.get("JAXDML_CACHE_DIR"):
+        return os.environ["JAXDML_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "jaxdml")
+
+
+def _save_quietly(path: str, **arrays: np.ndarray) -> None:
+    """Writes `path` whole or not at all (a temporary file renamed over it: processes that
+    start together each write their own); a cache that cannot be written is skipped."""
+    import tempfile
+
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _sklearn_generate(cfg: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn import datasets
     except ImportError as e:

@@ -24,9 +24,18 @@ jax.config.update("jax_compilation_cache_dir", XLA_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
+# Generated data sets (jaxdml.data.cache_dir) for the session and the processes it
+# starts: the xdist workers inherit the controller's folder, which removes it at the end.
+DATA_CACHE = None
+if not os.environ.get("JAXDML_CACHE_DIR"):
+    DATA_CACHE = os.environ["JAXDML_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxdml-test-data-")
+
+
 def pytest_sessionfinish(session, exitstatus):
     del session, exitstatus
     shutil.rmtree(XLA_CACHE, ignore_errors=True)
+    if DATA_CACHE:
+        shutil.rmtree(DATA_CACHE, ignore_errors=True)
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -2,6 +2,8 @@
 the training split only, memory-mapped .npy directories, and Dataset.identity()."""
 
 import json
+import os
+import subprocess
 import sys
 
 import jax
@@ -14,6 +16,7 @@ from jaxdml.config import default_config
 from jaxdml.data import DataError, _split_indices, load_dataset
 from jaxdml.mapped import MappedRows
 from jaxdml.training.trainer import Trainer
+from tests.conftest import REPO
 
 
 def _data_config(path, **fields):
@@ -260,3 +263,46 @@ def test_split_is_scikit_learns_train_test_split():
         ours = _split_indices(n, test_size, seed)
         np.testing.assert_array_equal(ours[0], train)
         np.testing.assert_array_equal(ours[1], test)
+
+
+_PROBE = """
+import json, sys
+from jaxdml.config import default_config
+from jaxdml.data import _sklearn_arrays
+c = default_config().data
+c.source, c.name, c.n_samples, c.n_features = "sklearn", "make_classification", 300, 6
+c.n_informative, c.random_state = 3, 7
+x, y = _sklearn_arrays(c)
+print(json.dumps(["sklearn" in sys.modules, float(x.sum()), int(y.sum())]))
+"""
+
+
+def test_sklearn_data_is_cached_between_processes(tmp_path):
+    """scikit-learn's arrays are kept in the cache folder: a second process reads them
+    without importing scikit-learn (~1.8 s of every start); a torn file is made again."""
+    from sklearn import datasets
+
+    ref_x, ref_y = datasets.make_classification(
+        n_samples=300, n_features=6, n_informative=3, n_classes=2, random_state=7
+    )
+    env = {**os.environ, "JAXDML_CACHE_DIR": str(tmp_path)}
+
+    def probe():
+        out = subprocess.run(
+            [sys.executable, "-c", _PROBE], cwd=REPO, env=env, capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    expected = [pytest.approx(float(ref_x.sum())), int(ref_y.sum())]
+    assert probe() == [True, *expected]  # made (scikit-learn imported) and kept
+    (cached,) = tmp_path.glob("sklearn-make_classification-*.npz")
+    with np.load(cached) as f:
+        np.testing.assert_array_equal(f["x"], ref_x)
+        np.testing.assert_array_equal(f["y"], ref_y)
+    assert probe() == [False, *expected]  # read back: no scikit-learn import
+    cached.write_bytes(cached.read_bytes()[:100])  # torn
+    assert probe() == [True, *expected]  # made again, not trusted
+    with np.load(cached) as f:
+        np.testing.assert_array_equal(f["x"], ref_x)

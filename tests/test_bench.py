@@ -120,3 +120,20 @@ def test_quick_benchmark_writes_every_section_and_valid_plots(tmp_path):
     assert faulty["steps_redone"] > 0 and faulty["lives"] >= 2  # the kill restarted it
     assert 0 < raw["goodput"]["goodput"]["job_records"] < 1
     assert all(math.isfinite(v) for v in raw["scaling"]["slopes"].values())
+
+
+@pytest.mark.parametrize("launched", [False, True], ids=["1x4", "2x2"])
+def test_multiprocess_bench_psum_worker_runs_on_both_layouts(launched):
+    """scripts/bench_multiprocess.py's bare psum loop, in one process of 4 devices and
+    under the launcher as 2 processes of 2 (the timings are the script's to report)."""
+    launch = [sys.executable, "-m", "jaxdml.launch", "--num_processes=2",
+              "--devices_per_process=2", "--max_restarts=0", "--"]  # fmt: skip
+    cmd = [sys.executable, "scripts/bench_multiprocess.py", "--worker_iters=20"]
+    proc = subprocess.run(
+        (launch if launched else []) + cmd, cwd=REPO, capture_output=True, text=True,
+        env={**os.environ, "JAXDML_NUM_CPU_DEVICES": "4"}, timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (line,) = [x for x in proc.stdout.splitlines() if "psum_seconds" in x]
+    seconds = json.loads(line[line.index("{") :])["psum_seconds"]
+    assert math.isfinite(seconds) and seconds > 0

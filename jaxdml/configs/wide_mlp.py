@@ -39,4 +39,5 @@ def get_config(arg: str = ""):
     c.checkpoint.local_every_secs = 0.0  # (steps, not seconds: a restart redoes <= 10)
     if arg == "smoke":
         c.train.num_steps = 20  # a few steps for tests
+        c.train.warmup_steps = 5  # below the cosine's length
     return c

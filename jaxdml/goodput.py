@@ -72,11 +72,16 @@ class GoodputLog(JsonlWriter):
         self.write({"kind": "life", "t": self.life_start})
 
     def span(
-        self, category: str, seconds: float, in_loop: bool = False, ended: float | None = None
+        self,
+        category: str,
+        seconds: float,
+        in_loop: bool = False,
+        ended: float | None = None,
+        **detail,
     ) -> None:
         """`seconds` spent in `category`, ending now (or at `ended`, the log's clock).
         `in_loop`: spent inside the loop's host work between steps (a periodic save), so
-        not counted again as `host`."""
+        not counted again as `host`. `detail`: more fields of the record (a save's tier)."""
         if category not in CATEGORIES:
             raise ValueError(f"unknown goodput category {category!r}")
         ended = self.clock() if ended is None else ended
@@ -85,7 +90,7 @@ class GoodputLog(JsonlWriter):
         if in_loop:
             self._claimed += seconds
         self.write({"kind": "span", "category": category, "seconds": float(seconds),
-                    "t": ended})  # fmt: skip
+                    "t": ended, **detail})  # fmt: skip
 
     def spent_before(self, t: float) -> float:
         """Seconds of this life's spans that ended by `t` (the log's clock)."""

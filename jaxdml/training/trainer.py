@@ -271,7 +271,8 @@ class Trainer:
             "jaxdml_version": VERSION,
         }
         self.tiers.save(tier, step, state, meta, self.mesh, wait=wait)
-        self.goodput.span("checkpoint", time.perf_counter() - t0, in_loop=not wait)
+        seconds = time.perf_counter() - t0
+        self.goodput.span("checkpoint", seconds, in_loop=not wait, tier=tier, wait=wait)
 
     def _save_verified(self, step: int, memory: bool = True) -> None:
         """A synchronous save (persistent tier, and the memory tier when a restart may

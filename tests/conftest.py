@@ -31,11 +31,21 @@ if not os.environ.get("JAXDML_CACHE_DIR"):
     DATA_CACHE = os.environ["JAXDML_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxdml-test-data-")
 
 
+# The memory tiers of every run the session starts (jaxdml.training.tiers.local_root):
+# still in RAM, but in a folder of the session's, removed at the end (killed runs leave
+# theirs behind).
+SHM_DIR = None
+if not os.environ.get("JAXDML_SHM_DIR"):
+    ram = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    SHM_DIR = os.environ["JAXDML_SHM_DIR"] = tempfile.mkdtemp(prefix="jaxdml-test-", dir=ram)
+
+
 def pytest_sessionfinish(session, exitstatus):
     del session, exitstatus
     shutil.rmtree(XLA_CACHE, ignore_errors=True)
-    if DATA_CACHE:
-        shutil.rmtree(DATA_CACHE, ignore_errors=True)
+    for owned in (DATA_CACHE, SHM_DIR):
+        if owned:
+            shutil.rmtree(owned, ignore_errors=True)
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

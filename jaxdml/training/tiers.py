@@ -50,13 +50,14 @@ PERSISTENT, MEMORY = "persistent", "memory"
 def local_root(config: ml_collections.ConfigDict, workdir: str) -> str:
     """The memory tier's folder for this run (every process keeps its own below it).
 
-    /dev/shm (RAM) when it is there and writable, else workdir/local. The folder is named
-    after the run's workdir, so a rerun of the same command finds it.
+    /dev/shm (RAM; $JAXDML_SHM_DIR names another) when it is there and writable, else
+    workdir/local. The folder is named after the run's workdir, so a rerun of the same
+    command finds it.
     """
     if config.checkpoint.local_dir:
         return os.path.abspath(config.checkpoint.local_dir)
     key = hashlib.sha256(os.path.abspath(workdir).encode()).hexdigest()[:16]
-    shm = "/dev/shm"
+    shm = os.environ.get("JAXDML_SHM_DIR") or "/dev/shm"
     if os.path.isdir(shm) and os.access(shm, os.W_OK):
         return os.path.join(shm, f"jaxdml-{_user()}", key)
     return os.path.join(os.path.abspath(workdir), "local")

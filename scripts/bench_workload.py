@@ -49,7 +49,6 @@ def _run(work: str, name: str, steps: int, plan: str = "", *extra: str) -> dict:
     from jaxdml.metrics import read_jsonl
 
     workdir = os.path.join(work, name)
-    os.chdir(REPO)
     codes, wall = chaos.run_plan(_command(steps, *extra), workdir, plan, timeout=1800)
     records = goodput.read(workdir)
     rows = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
@@ -93,6 +92,7 @@ def _state_mb(workdir: str) -> float | None:
 
 def main(argv: list[str]) -> None:
     del argv
+    os.chdir(REPO)  # the jobs run `python -m experiments.train` (jaxdml.chaos.run_plan)
     steps, at = _STEPS.value, _STEPS.value // 2
     runs = {}
     with tempfile.TemporaryDirectory() as work:

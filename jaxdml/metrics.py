@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -74,8 +75,11 @@ class MetricsWriter(JsonlWriter):
             except ImportError:
                 logging.warning("tensorboardX not installed: pip install 'jaxdml[tensorboard]'")
             else:
-                self._writer_class = SummaryWriter
-                self._tb = SummaryWriter(self._tb_dir)
+                # tensorboardX's flush() writes only what its writer thread already took
+                # from the queue; that thread flushes the file every flush_secs (default
+                # 120 s). At 1 s, an event recorded just before a kill or hang is on disk.
+                self._writer_class = functools.partial(SummaryWriter, flush_secs=1)
+                self._tb = self._writer_class(self._tb_dir)
 
     @property
     def tensorboard(self):
@@ -162,7 +166,7 @@ class EventLog(JsonlWriter):
         else:
             tb.add_scalar(f"events/{row['kind']}", float(row.get("seconds_lost") or 0.0), step)
         tb.add_text("events", json.dumps({k: _jsonable(v) for k, v in row.items()}), step)
-        tb.flush()  # events are rare, and a hang or kill may follow at once
+        tb.flush()  # events are rare, and a hang or kill may follow at once (see flush_secs)
 
 
 def write_json(path: str, obj: dict) -> None:

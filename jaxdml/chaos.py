@@ -54,13 +54,16 @@ class PlanOutcome:
     attempts: int
     exit_codes: list[int]
     test_accuracy: float | None
-    param_rel_diff: float | None
+    param_rel_diff: float | None  # max over elements of |a - b| / max(|b|, 1e-6)
     lost_steps: int
     recovery_seconds: float
     wall_seconds: float
     goodput: float | None = None  # fault-free wall time / this plan's
     job_goodput: float | None = None  # the job record's productive step time / its wall
     goodput_accounted: float | None = None  # 1 - the job record's fault_fraction
+    # ||a - b|| / ||b|| over all parameters: for a large network the element-wise maximum
+    # is set by some weight near 0, this one by the parameters as a whole
+    param_l2_diff: float | None = None
 
 
 def lost_work(events: list[dict]) -> tuple[int, float]:
@@ -119,6 +122,13 @@ def _rel_diff(a: dict, b: dict) -> float:
     return max(float(np.max(np.abs(a[k] - b[k]) / np.maximum(np.abs(b[k]), 1e-6))) for k in b)
 
 
+def _l2_diff(a: dict, b: dict) -> float:
+    """||a - b|| / ||b||, all parameters as one vector (float64 sums)."""
+    num = sum(float(np.sum((a[k].astype(np.float64) - b[k]) ** 2)) for k in b)
+    den = sum(float(np.sum(b[k].astype(np.float64) ** 2)) for k in b)
+    return float(np.sqrt(num / den)) if den else float(np.sqrt(num))
+
+
 def run_matrix(
     command: list[str], base_dir: str, plans=DEFAULT_PLANS, progress: bool = False
 ) -> list[PlanOutcome]:
@@ -151,6 +161,7 @@ def run_matrix(
                 exit_codes=codes,
                 test_accuracy=result.get("test_accuracy"),
                 param_rel_diff=_rel_diff(params, ref) if params and ref else None,
+                param_l2_diff=_l2_diff(params, ref) if params and ref else None,
                 lost_steps=job["steps_redone"],
                 recovery_seconds=seconds,
                 wall_seconds=wall,
@@ -169,10 +180,10 @@ def table(outcomes: list[PlanOutcome]) -> str:
     """The chaos table in markdown."""
     head = (
         "| plan | completed | attempts (exit codes) | test acc | max rel param diff "
-        "| lost steps | recovery s | wall s | goodput (wall ratio) | goodput (job records) "
-        "| job goodput |"
+        "| param diff (rel L2) | lost steps | recovery s | wall s | goodput (wall ratio) "
+        "| goodput (job records) | job goodput |"
     )
-    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def fmt(x, spec):
         return "-" if x is None else format(x, spec)
@@ -181,7 +192,8 @@ def table(outcomes: list[PlanOutcome]) -> str:
         lines.append(
             f"| `{o.plan}` | {'yes' if o.completed else 'NO'} | {o.attempts} "
             f"({','.join(map(str, o.exit_codes))}) | {fmt(o.test_accuracy, '.4f')} "
-            f"| {fmt(o.param_rel_diff, '.1e')} | {o.lost_steps} | {o.recovery_seconds:.2f} "
+            f"| {fmt(o.param_rel_diff, '.1e')} | {fmt(o.param_l2_diff, '.1e')} "
+            f"| {o.lost_steps} | {o.recovery_seconds:.2f} "
             f"| {o.wall_seconds:.1f} | {fmt(o.goodput, '.2f')} "
             f"| {fmt(o.goodput_accounted, '.2f')} | {fmt(o.job_goodput, '.2f')} |"
         )

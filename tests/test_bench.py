@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from benchmarks import common, goodput, recovery, scaling
+from benchmarks import common, goodput, models, recovery, scaling
 
 from jaxdml.faults import parse
 from tests.conftest import REPO
@@ -56,6 +56,22 @@ def test_settings_overrides_take_the_type_of_the_field():
     for bad in (["no_such_field=1"], ["models_repeats"], ["overhead_problems=a"]):
         with pytest.raises(ValueError):
             common.with_overrides(common.QUICK, bad)
+
+
+def test_goodput_config_and_logreg_row_are_valid_runs():
+    from jaxdml.config import validate
+    from jaxdml.data import load_dataset
+
+    s = common.with_overrides(common.QUICK, ["goodput_config=wide_mlp"])
+    command = goodput._goodput_command(100, s.goodput_config)
+    assert "--config=wide_mlp" in command and "--config.train.num_steps=100" in command
+    data = {"source": "synthetic", "n_samples": 500, "n_features": 5, "n_informative": 2}
+    config = models._config(common.config_module("seed_logreg"), "", data)
+    ds = load_dataset(config.data)
+    label, config, refs = models._logreg_jobs(ds, data)
+    validate(config)  # raises ConfigError for a combination the trainer refuses
+    assert config.train.optimizer == "lbfgs" and config.model.l2 == 1.0 / len(ds.y_train)
+    assert list(refs) == ["LogisticRegression lbfgs"] and "L-BFGS" in label
 
 
 def test_gpu_figures_exit_cleanly_without_a_gpu(tmp_path):

@@ -38,6 +38,7 @@ def test_chaos_command_prints_a_row_per_plan(tmp_path):
     assert rows[1]["attempts"] == 2 and rows[1]["exit_codes"] == [0, 0]
     assert rows[1]["param_rel_diff"] == 0.0
     assert rows[2]["param_rel_diff"] < 1e-5 and rows[2]["lost_steps"] == 0
+    assert rows[1]["param_l2_diff"] == 0.0 and 0 < rows[2]["param_l2_diff"] < 1e-6
     # Goodput from the job records too: nothing is put on faults in the fault-free run;
     # the preempted one paid a second start-up.
     assert rows[0]["goodput_accounted"] == 1.0 and rows[1]["goodput_accounted"] < 1.0

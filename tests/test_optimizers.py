@@ -68,6 +68,22 @@ def test_configured_optimizers_train(tmp_path, fields):  # lbfgs: ~40 s, mostly 
     assert result["steps"] == config.train.num_steps and result["test_accuracy"] > 0.8, result
 
 
+def test_lbfgs_compiles_its_step_once(tmp_path):
+    # optax.lbfgs's initial line-search state holds weakly typed Python scalars; the
+    # step returns them strongly typed. The initial TrainState is strongly typed, so the
+    # second step reuses the first one's compilation (it compiled again, 3 s at 200k rows).
+    config = _config(5)
+    config.train.optimizer = "lbfgs"
+    trainer = Trainer(config, str(tmp_path), devices=jax.devices()[:4])
+    weak = [x for x in jax.tree.leaves(trainer.state) if jax.typeof(x).weak_type]
+    assert not weak
+    trainer.run_steps(1)
+    compiled = trainer.step_fn._cache_size()
+    trainer.run_steps(3)
+    assert trainer.step_fn._cache_size() == compiled == 1
+    trainer.close()
+
+
 @pytest.mark.parametrize(
     "fields, message",
     [

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 from jax.sharding import Mesh
 
 from jaxdml import mesh as mesh_lib
@@ -34,7 +35,7 @@ def _initializer(model: Any, optimizer: optax.GradientTransformation, seed: int)
     def init() -> TrainState:
         rng = jax.random.PRNGKey(seed)
         params, model_state = init_variables(model, jax.random.fold_in(rng, 0))
-        return TrainState(
+        state = TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
             opt_state=optimizer.init(params),
@@ -42,6 +43,11 @@ def _initializer(model: Any, optimizer: optax.GradientTransformation, seed: int)
             data_pos={k: jnp.asarray(v) for k, v in initial_position().items()},
             model_state=model_state,
         )
+        # No weak types: an optimizer's init may hold Python scalars (optax.lbfgs's line
+        # search info), weakly typed, while the step returns them strongly typed, so the
+        # second step would not match the first one's compilation and compile again
+        # (3 s for L-BFGS on 200k x 20). Same dtypes, same values.
+        return jax.tree.map(lambda x: lax.convert_element_type(x, x.dtype), state)
 
     return init
 

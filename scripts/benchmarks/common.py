@@ -63,6 +63,9 @@ class Settings:
     models_devices: int = 4  # simulated CPU devices for ours
     models_only: tuple = ()  # names of models.MODELS; () = all
     models_data: tuple = ()  # names of models.DATASETS; () = all
+    # The goodput runs' config (a shipped name or a path): the realistic workload is
+    # --set=goodput_config=wide_mlp --set=goodput_calibration_steps=30.
+    goodput_config: str = "seed_logreg"
 
 
 FULL = Settings(

@@ -3,6 +3,7 @@ faults, restarted like a scheduler would (jaxdml.chaos.run_plan)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -44,23 +45,26 @@ def goodput_plan(num_steps: int, interval: int, num_devices: int = 4) -> str:
     return ",".join(entries)
 
 
-def _goodput_command(steps: int) -> list[str]:
+def _goodput_command(steps: int, config: str) -> list[str]:
     return [
-        *_train_command(steps),
+        *_train_command(steps, config),
         "--config.checkpoint.every_steps=100",
         "--config.supervisor.fingerprint_every=50",
         "--config.supervisor.watchdog_secs=5",
+        # A hang is max(5 s, 10 x the median step) without progress: the default 50x is
+        # a minute on a 1-s step (wide_mlp), most of the run's 30 s between faults.
+        "--config.supervisor.watchdog_step_factor=10",
         "--config.train.log_every=1000000",
     ]
 
 
-def _goodput_run(workdir: str, steps: int, plan: str, timeout: float) -> dict:
-    """Runs the seed config for `steps` with `plan`, restarted until done; its record."""
+def _goodput_run(workdir: str, config: str, steps: int, plan: str, timeout: float) -> dict:
+    """Runs `config` for `steps` with `plan`, restarted until done; its record."""
     from jaxdml import chaos
 
     crashes = plan.count("sigkill") + plan.count("hang")
     codes, wall = chaos.run_plan(
-        _goodput_command(steps), workdir, plan, max_attempts=crashes + 3, timeout=timeout
+        _goodput_command(steps, config), workdir, plan, max_attempts=crashes + 3, timeout=timeout
     )
     events = _read_events(workdir)
     lost_steps, lost_s = chaos.lost_work(events)
@@ -98,12 +102,13 @@ def run(ctx: Context) -> Section:
     base = os.path.join(ctx.work, "goodput")
     timeout = 10 * s.goodput_seconds + 120
     bar = _progress(None, "goodput: calibration, fault-free, faulty run", total=3)
-    calibration = _goodput_run(
-        os.path.join(base, "calibration"), s.goodput_calibration_steps, "", timeout
+    run_one = functools.partial(_goodput_run, config=s.goodput_config, timeout=timeout)
+    calibration = run_one(
+        os.path.join(base, "calibration"), steps=s.goodput_calibration_steps, plan=""
     )
     bar.update()
     steps = int(_steps_per_second(calibration) * s.goodput_seconds)
-    runs = {"without faults": _goodput_run(os.path.join(base, "clean"), steps, "", timeout)}
+    runs = {"without faults": run_one(os.path.join(base, "clean"), steps=steps, plan="")}
     bar.update()
     # Faults placed by the fault-free run's own rate land about every goodput_every seconds.
     rate = _steps_per_second(runs["without faults"])
@@ -112,7 +117,7 @@ def run(ctx: Context) -> Section:
     wanted = max(2, int(s.goodput_seconds // s.goodput_every))
     interval = min(int(rate * s.goodput_every), steps // (wanted + 1))
     plan = goodput_plan(steps, max(1, interval))
-    runs["with faults"] = _goodput_run(os.path.join(base, "faults"), steps, plan, timeout)
+    runs["with faults"] = run_one(os.path.join(base, "faults"), steps=steps, plan=plan)
     bar.close()
     clean, faulty = runs["without faults"], runs["with faults"]
     goodput = {
@@ -131,7 +136,14 @@ def run(ctx: Context) -> Section:
 
     job_goodput.plot(faulty["job"], bars, title="with faults:")
     body = _goodput_body(s, rate, steps, plan, clean, faulty, goodput)
-    data = {"steps_per_s": rate, "steps": steps, "plan": plan, "goodput": goodput, "runs": runs}
+    data = {
+        "config": s.goodput_config,
+        "steps_per_s": rate,
+        "steps": steps,
+        "plan": plan,
+        "goodput": goodput,
+        "runs": runs,
+    }
     return Section("goodput", body, data, [plot, bars])
 
 
@@ -186,9 +198,10 @@ def _goodput_body(s: Settings, rate, steps, plan, clean, faulty, goodput) -> str
         ],
     )  # fmt: skip
     return (
-        "The seed config with protections on (checkpoint every 100 steps, fingerprints every "
-        f"50, watchdog 5 s) for {steps} steps, sized to about {s.goodput_seconds:.0f} s by a "
-        f"calibration run. The fault-free run then measured {rate:.0f} steps/s (its own wall "
+        f"The `{s.goodput_config}` config with protections on (checkpoint every 100 steps, "
+        "fingerprints every 50, watchdog max(5 s, 10 x the median step)) for "
+        f"{steps} steps, sized to about {s.goodput_seconds:.0f} s by a "
+        f"calibration run. The fault-free run then measured {rate:.3g} steps/s (its own wall "
         "time, process start and compilation excluded), from which the faulty run gets a "
         f"fault every ~{s.goodput_every:.0f} s (every {int(rate * s.goodput_every)} steps; "
         f"median gap between injections as measured: {gap}), rotating {rotation}; it is "

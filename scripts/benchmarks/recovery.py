@@ -46,12 +46,12 @@ RECOVERY_NOTES = (
 )
 
 
-def _train_command(steps: int) -> list[str]:
+def _train_command(steps: int, config: str = "seed_logreg") -> list[str]:
     return [
         sys.executable,
         "-m",
         "experiments.train",
-        "--config=configs/seed_logreg.py",
+        f"--config={config}",
         f"--config.train.num_steps={steps}",
     ]
 

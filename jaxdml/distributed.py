@@ -129,27 +129,36 @@ def quiet_backend_probe() -> None:
         logger.addFilter(_BACKEND_PROBE)
 
 
-_cache_dir: list[str] = []  # the folder this process caches in, once chosen
+_our_cache_dirs: set[str] = set()  # folders this module pointed JAX's cache at
 
 
 def compilation_cache(directory: str) -> str:
-    """Turns on JAX's persistent compilation cache in `directory`, or in the folder the
+    """Points JAX's persistent compilation cache at `directory`, or keeps the folder the
     user set (JAX_COMPILATION_CACHE_DIR or jax.config); returns the folder in use.
     Compilations over 0.2 s are kept, so a restarted process (or a re-formed mesh seen
     before) loads its step instead of compiling it (measured: warm-up 1.6 s -> 0.5 s,
     sgd_logreg). In a multi-process job each process uses a subfolder of its own: JAX
     writes a cache file in place, not by rename, so a process could read another's
-    half-written executable. The first folder chosen in a process stays in use."""
-    if _cache_dir:
-        return _cache_dir[0]
-    user_set = jax.config.jax_compilation_cache_dir
-    root = user_set or directory
+    half-written executable.
+
+    Each run caches in its own workdir, also the second run of a process (a notebook,
+    a benchmark): JAX opens its cache once, so a change of folder resets it. (Keeping
+    the first run's folder wrote every later run's executables there, and when that
+    folder was deleted every compilation warned that it could not write.)
+    """
+    current = jax.config.jax_compilation_cache_dir
+    if current and current not in _our_cache_dirs:
+        return current  # the user's own folder
+    root = directory
     if jax.distributed.is_initialized():
         root = os.path.join(root, f"process_{process_index()}")
-    jax.config.update("jax_compilation_cache_dir", root)
-    if not user_set:
+    if root != current:
+        from jax.experimental.compilation_cache import compilation_cache as jax_cache
+
+        _our_cache_dirs.add(root)
+        jax.config.update("jax_compilation_cache_dir", root)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-    _cache_dir.append(root)
+        jax_cache.reset_cache()  # opened again, in `root`, at the next compilation
     return root
 
 

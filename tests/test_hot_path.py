@@ -1,5 +1,7 @@
 """The hot path: the loop reads metrics back in bulk, and every step is logged once."""
 
+import os
+
 import jax
 import pytest
 
@@ -101,3 +103,32 @@ def test_a_failed_span_keeps_the_rows_of_the_spans_committed_before_it(trainer):
         loop.run(trainer.state)
     assert loop.last_good[0] == 30
     assert [r["step"] for r in rows.rows] == list(range(1, 31))
+
+
+def test_each_run_caches_compilations_in_its_own_workdir(tmp_path, recwarn):
+    import shutil
+
+    import jax.numpy as jnp
+    from jax.experimental.compilation_cache import compilation_cache as jax_cache
+
+    from jaxdml import distributed
+
+    session = jax.config.jax_compilation_cache_dir  # the test session's own folder
+    assert distributed.compilation_cache(str(tmp_path / "x")) == session  # a user's: kept
+    jax.config.update("jax_compilation_cache_dir", None)
+    try:
+        first = distributed.compilation_cache(str(tmp_path / "first" / "xla_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.jit(lambda x: jnp.sin(x) * 3.0)(jnp.ones(7)).block_until_ready()
+        assert os.listdir(first)
+        shutil.rmtree(tmp_path / "first")  # the first run's folder is gone
+        second = distributed.compilation_cache(str(tmp_path / "second" / "xla_cache"))
+        assert second != first
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.jit(lambda x: jnp.cos(x) * 5.0)(jnp.ones(9)).block_until_ready()
+        assert os.listdir(second) and not (tmp_path / "first").exists()
+        assert not [w for w in recwarn if "compilation cache" in str(w.message)]
+    finally:
+        jax.config.update("jax_compilation_cache_dir", session)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+        jax_cache.reset_cache()

@@ -229,3 +229,28 @@ def test_failed_saves_are_reported_counted_and_the_next_save_is_attempted(tmp_pa
     assert ck.failed_saves == 2 and events[-1] == ("checkpoint_save_failed", 2)
     assert ck.steps() == [2, 3]
     ck.close()
+
+
+def test_a_finished_run_leaves_no_memory_tier_in_ram_set_aside_steps_included(tmp_path):
+    from jaxdml.config import default_config
+    from jaxdml.training.tiers import Tiers
+
+    config = default_config()
+    config.checkpoint.local_every_steps = 5
+    config.checkpoint.local_dir = str(tmp_path / "ram")
+    tiers = Tiers(config, str(tmp_path / "run"), on_event=lambda *a, **k: None)
+    aside = os.path.join(tiers.memory.set_aside_dir, "30-123")  # a step set aside
+    os.makedirs(aside)
+    with open(os.path.join(aside, "state"), "wb") as f:
+        f.write(b"\0" * 1024)
+    saved = os.path.join(tiers.memory.directory, "40")  # a step the tier holds
+    os.makedirs(saved)
+    tiers.close()
+    assert os.path.isdir(saved) and os.path.isdir(aside)  # kept for a restart
+    tiers.remove_memory_tier()  # the run finished
+    assert not os.path.exists(tmp_path / "ram")
+    # A run closed before its first save leaves no folder either.
+    unused = Tiers(config, str(tmp_path / "run"), on_event=lambda *a, **k: None)
+    assert os.listdir(unused.memory.directory) == ["run"]
+    unused.close()
+    assert not os.path.exists(tmp_path / "ram")

@@ -97,6 +97,14 @@ def _claim(folder: str, token: str) -> None:
         f.write(token)
 
 
+def _holds_only_its_marker(folder: str) -> bool:
+    """Whether a memory tier's folder holds nothing but the run marker `_claim` wrote."""
+    try:
+        return os.listdir(folder) == ["run"]
+    except OSError:  # already removed (a finished run)
+        return False
+
+
 def _user() -> str:
     try:
         return getpass.getuser()
@@ -217,6 +225,8 @@ class Tiers:
         finally:
             for tier in self.all:
                 tier.close()
+            if self.memory is not None and _holds_only_its_marker(self.memory.directory):
+                self._remove_memory_folders()  # nothing was saved: leave no folder in RAM
 
     def restrict_to(self, process_ids: list[int]) -> None:
         """After a host loss: the persistent tier saves among the survivors."""
@@ -233,11 +243,19 @@ class Tiers:
             tier.move_all_aside(reason)
 
     def remove_memory_tier(self) -> None:
-        """At the end of a finished run: the memory tier is only for restarts."""
+        """At the end of a finished run: the memory tier is only for restarts. Its
+        set-aside steps go too (their events said why): left in RAM they would hold a
+        state's size of memory per set-aside step for good."""
         if self.memory is not None:
-            shutil.rmtree(self.memory.directory, ignore_errors=True)
-            with contextlib.suppress(OSError):  # the run's folder, once no process uses it
-                os.rmdir(self.local_dir)
+            self._remove_memory_folders()
+
+    def _remove_memory_folders(self) -> None:
+        shutil.rmtree(self.memory.directory, ignore_errors=True)
+        shutil.rmtree(self.memory.set_aside_dir, ignore_errors=True)
+        # The shared folders, once no process of the run uses them.
+        for folder in (os.path.dirname(self.memory.set_aside_dir), self.local_dir):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
 
     # ------------------------------------------------------------------ restoring
 

@@ -97,7 +97,11 @@ def default_config() -> ml_collections.ConfigDict:
     # metrics stay on the devices and are fetched in one transfer every k finished steps
     # (and when the loop ends or fails): the loop never waits for the host at each step
     c.train.fetch_every = 25
-    c.train.dispatch_depth = 2  # steps in flight at most (unbounded depth deadlocks on CPU)
+    c.train.dispatch_depth = 2  # calls in flight at most (unbounded depth deadlocks on CPU)
+    # up to k steps in one XLA call (a while loop on the device): for steps of under a
+    # few ms, the host's cost of a call is the step's own; saves, checks, evaluations and
+    # injected faults still happen at their exact steps (a call ends there)
+    c.train.steps_per_call = 1
     # JAX's persistent compilation cache in WORKDIR/xla_cache (unless one is set already):
     # a restarted process loads its step instead of compiling it again
     c.train.compilation_cache = True
@@ -268,6 +272,7 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "train.eval_every": _int_at_least(0),
     "train.log_every": _int_at_least(1),
     "train.dispatch_depth": _int_at_least(1),
+    "train.steps_per_call": _int_at_least(1),
     "train.fetch_every": _int_at_least(1),
     "train.compilation_cache": _bool,
     "train.donate": _bool,

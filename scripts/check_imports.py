@@ -39,7 +39,7 @@ LAYERS = [
         "jaxdml.training.progress",
     ],
     ["jaxdml.distributed", "jaxdml.pulse", "jaxdml.plots", "jaxdml.goodput"],
-    ["jaxdml.data", "jaxdml.cli", "jaxdml.tables", "jaxdml.configs"],
+    ["jaxdml.data", "jaxdml.batcher", "jaxdml.cli", "jaxdml.tables", "jaxdml.configs"],
     ["jaxdml.config", "jaxdml.metrics"],
     ["jaxdml.models", "jaxdml.faults", "jaxdml.mesh", "jaxdml.mapped", "jaxdml.training.__init__"],
     ["jaxdml.constants"],

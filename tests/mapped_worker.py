@@ -23,8 +23,9 @@ def _status_kb(field: str) -> int:
 def main() -> int:
     data_dir, out_dir, batch_size, num_devices = sys.argv[1:5]
     jax.config.update("jax_num_cpu_devices", int(num_devices))
+    from jaxdml.batcher import GlobalBatcher, initial_position
     from jaxdml.config import default_config
-    from jaxdml.data import GlobalBatcher, initial_position, load_dataset
+    from jaxdml.data import load_dataset
     from jaxdml.mesh import make_mesh
 
     mesh = make_mesh()

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdml.data import GlobalBatcher, make_classification
+from jaxdml.batcher import GlobalBatcher
+from jaxdml.data import make_classification
 from jaxdml.mesh import make_mesh
 from jaxdml.models.linear import LinearModel
 from jaxdml.training.step import aggregated_sums

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from jaxdml.data import GlobalBatcher
+from jaxdml.batcher import GlobalBatcher
 
 
 def _epoch_samples(batcher: GlobalBatcher, num_shards: int, epoch: int) -> list[int]:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from configs import gbdt
-from jaxdml.data import GlobalBatcher, load_dataset, make_classification
+from jaxdml.batcher import GlobalBatcher
+from jaxdml.data import load_dataset, make_classification
 from jaxdml.mesh import data_sharded, make_mesh, replicated
 from jaxdml.models.trees import GBDTModel, bin_features, quantile_bin_edges
 from jaxdml.training.state import to_host

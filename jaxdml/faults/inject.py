@@ -174,6 +174,16 @@ class Injector:
             **fields,
         )
 
+    def max_fused(self, step: int) -> int:
+        """Steps from `step` before the next fault is due: a fused call
+        (`train.steps_per_call`) ends there, and the faulty step runs alone."""
+        due = [
+            max(f.start, step)
+            for f in self.faults
+            if f.end >= step and not (f.start == f.end and self._key(f, f.start) in self.fired)
+        ]
+        return max(1, min(due) - step) if due else 2**31 - 1
+
     def before_step(self, step: int, state, batch: dict):
         """Applies the faults due after `step` completed steps; returns (state, batch)."""
         for f in self._due(step, "slow"):

@@ -22,8 +22,17 @@ from typing import Any
 TrainState = Any  # jaxdml.training.state.TrainState (not imported: this module is a leaf)
 
 
+UNLIMITED = 2**31 - 1  # Hook.max_fused: any number of steps
+
+
 def _nothing() -> None:
     pass
+
+
+def until_multiple(step: int, every: int) -> int:
+    """Steps from `step` to the next multiple of `every` (UNLIMITED when `every` is 0): a
+    hook that acts at multiples of `every` lets a fused call run up to there."""
+    return every - step % every if every > 0 else UNLIMITED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +57,15 @@ class Hook:
     on_metrics(rows): host rows of finished steps, in step order, each step exactly once
         (`step`, the step's metrics, `seconds` between consecutive finishes). May raise to
         stop the loop (the anomaly guard asks for a rollback that way).
+    max_fused(step) -> int: how many steps from `step` the loop may run in one fused call
+        (`train.steps_per_call`) without this hook missing one it must see: after_step
+        sees only a call's last step, and before_step is called only for steps that run
+        alone. Default: no limit, or 1 for a hook that overrides before_step.
     """
+
+    def max_fused(self, step: int) -> int:
+        del step
+        return 1 if type(self).before_step is not Hook.before_step else UNLIMITED
 
     def before_step(self, step: int, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         return state, batch
@@ -83,6 +100,10 @@ class Periodic(Hook):
     _last_time: float | None = None
     _last_step: int | None = None
 
+    def max_fused(self, step: int) -> int:
+        """A step schedule ends a fused call at its multiple (saves stay on it)."""
+        return until_multiple(step, self.every_steps)
+
     def after_step(self, info: StepInfo) -> bool:
         now = self.clock()
         if self._last_time is None:
@@ -110,6 +131,11 @@ class BeforeStep(Hook):
     """Adapts a plain `fn(step, state, batch) -> (state, batch)` (the fault injector's)."""
 
     fn: Callable[[int, TrainState, dict], tuple[TrainState, dict]]
+    # step -> the steps from it that fn leaves alone (None: fn may act at every step)
+    fusable: Callable[[int], int] | None = None
+
+    def max_fused(self, step: int) -> int:
+        return 1 if self.fusable is None else self.fusable(step)
 
     def before_step(self, step: int, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         return self.fn(step, state, batch)

@@ -10,12 +10,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import Mesh
 
-from jaxdml.data import GlobalBatcher
+from jaxdml.batcher import GlobalBatcher
 from jaxdml.training.hooks import Hook, StepInfo
 from jaxdml.training.state import TrainState, fetch
-from jaxdml.training.step_common import StepFn, unpack_metrics
+from jaxdml.training.step_common import FusedFn, StepFn, unpack_metrics
 
 # transaction(end_step) -> a context manager around one span: the span's steps are
 # dispatched and finished inside it, and it either completes on every process or raises
@@ -34,6 +35,12 @@ class Loop:
     through `StepInfo.flush` before a save, and when the loop ends or fails), then handed
     to the hooks' `on_metrics`.
 
+    With a `fused_fn` (`train.steps_per_call` = K > 1), up to K steps run in one call:
+    as many as every hook's `max_fused` allows (a save, a replica check, an evaluation
+    or an injected fault at step s ends a call at s), never a set-aside batch; a step
+    the hooks want alone runs alone. A call counts as one step for the dispatch depth,
+    `after_step` sees its last step, and its rows are delivered one per step.
+
     With a `transaction`, steps run in spans of `span` steps, each span inside
     `transaction(end)` and finished there; a span is committed (its rows delivered, its
     end the newest good state, `after_step` called with it) only when the transaction
@@ -46,6 +53,7 @@ class Loop:
       num_steps: the loop ends when this many steps are done.
       hooks: `jaxdml.training.hooks.Hook`s, called in order.
       skip_steps: steps whose batch is set aside (`skip_fn` runs instead).
+      fused_fn, steps_per_call: see above (`make_fused_step(..., max_steps=K)`).
       transaction, span: see above.
       clock, wall: monotonic clock for the rows' `seconds`, wall clock for their `time`.
     """
@@ -63,6 +71,8 @@ class Loop:
         skip_steps: frozenset[int] = frozenset(),
         transaction: Transaction | None = None,
         span: int = 1,
+        fused_fn: FusedFn | None = None,
+        steps_per_call: int = 1,
         clock: Callable[[], float] = time.perf_counter,
         wall: Callable[[], float] = time.time,
     ):
@@ -70,13 +80,16 @@ class Loop:
         self.batcher, self.mesh, self.num_steps = batcher, mesh, num_steps
         self.hooks = list(hooks)
         self.transaction, self.span = transaction, max(1, span)
+        self.fused_fn = fused_fn
+        self.steps_per_call = max(1, steps_per_call) if fused_fn is not None else 1
         self.dispatch_depth = dispatch_depth
         self.fetch_every = max(1, fetch_every)
         self.clock, self.wall = clock, wall
         self.last_good: tuple[int, TrainState] | None = None
         self.seconds = 0.0  # wall time spent in run()
-        # (step, device metrics, seconds since the previous finish, hook seconds, wall time)
-        self._finished: list[tuple[int, Any, float, float, float]] = []
+        # (last step, device metrics, seconds since the previous finish, hook seconds, wall
+        # time, steps in the call)
+        self._finished: list[tuple[int, Any, float, float, float, int]] = []
         self._last_finish = 0.0
         self._host = 0.0  # seconds in after_step hooks since the previous finish
         self._inflight: collections.deque = collections.deque()  # plain mode's dispatched steps
@@ -115,12 +128,12 @@ class Loop:
             while len(inflight) >= self.dispatch_depth:
                 self._finish(*inflight.popleft())
             try:
-                state, pos, metrics = self._dispatch(step, state, pos)
+                state, pos, metrics, k = self._dispatch(step, state, pos, self.num_steps)
             except Exception:
                 self._salvage(inflight)
                 raise
-            step += 1
-            inflight.append((step, state, metrics))
+            step += k
+            inflight.append((step, state, metrics, k))
             if self._after_step(step, state):
                 break
         while inflight:
@@ -163,17 +176,23 @@ class Loop:
         while step < end:
             while len(inflight) >= self.dispatch_depth:
                 self._finish(*inflight.popleft(), commit=False)
-            state, pos, metrics = self._dispatch(step, state, pos)
-            step += 1
-            inflight.append((step, state, metrics))
+            state, pos, metrics, k = self._dispatch(step, state, pos, end)
+            step += k
+            inflight.append((step, state, metrics, k))
         while inflight:
             self._finish(*inflight.popleft(), commit=False)
         return state, pos
 
     # ------------------------------------------------------------------ steps
 
-    def _dispatch(self, step: int, state: TrainState, pos: dict):
-        """Builds the batch after `step` steps and dispatches step `step + 1`."""
+    def _dispatch(self, step: int, state: TrainState, pos: dict, end: int):
+        """Dispatches step `step + 1` (or steps `step + 1 ..` up to `end`, fused) with its
+        batches; returns (state, the data position after, metrics, steps dispatched)."""
+        k = self._fusable(step, end)
+        if k > 1:
+            batches, after = self.batcher.next_many(pos, k, self.mesh, self.steps_per_call)
+            state, metrics = self.fused_fn(state, batches, np.int32(k))
+            return state, after, metrics, k
         batch, after = self.batcher.next(pos, self.mesh)
         for hook in self.hooks:
             state, batch = hook.before_step(step, state, batch)
@@ -181,7 +200,22 @@ class Loop:
         if step + 1 in self.skip_steps and self.skip_fn is not None:
             fn = self.skip_fn
         state, metrics = fn(state, batch)
-        return state, after, metrics
+        return state, after, metrics, 1
+
+    def _fusable(self, step: int, end: int) -> int:
+        """How many steps from `step` one call may run: up to `steps_per_call` and `end`,
+        before the next set-aside batch, within every hook's `max_fused`."""
+        k = min(self.steps_per_call, end - step)
+        if k < 2:
+            return 1
+        skips = [s for s in self.skip_steps if step < s <= step + k]
+        if skips:
+            k = min(skips) - step - 1
+        for hook in self.hooks:
+            if k < 2:
+                return 1
+            k = min(k, hook.max_fused(step))
+        return max(k, 1)
 
     def _after_step(self, step: int, state: TrainState) -> bool:
         """Runs every hook's after_step; True when one asks to stop. Their time is the
@@ -198,11 +232,15 @@ class Loop:
             self._finish(*self._inflight.popleft())
         self._deliver()
 
-    def _finish(self, step: int, state: TrainState, metrics, commit: bool = True) -> None:
-        """Waits for a step (nothing is read back) and queues its metrics."""
+    def _finish(
+        self, step: int, state: TrainState, metrics, k: int = 1, commit: bool = True
+    ) -> None:
+        """Waits for a step, or a call of `k` steps ending at `step` (nothing is read
+        back), and queues its metrics."""
         jax.block_until_ready(metrics)
         now = self.clock()
-        self._finished.append((step, metrics, now - self._last_finish, self._host, self.wall()))
+        row = (step, metrics, now - self._last_finish, self._host, self.wall(), k)
+        self._finished.append(row)
         self._last_finish, self._host = now, 0.0
         if commit:
             self.last_good = (step, state)
@@ -216,11 +254,14 @@ class Loop:
         finished, self._finished = self._finished, []
         self._delivered = True
         values = fetch([item[1] for item in finished])
-        rows = [
-            {"step": step, **unpack_metrics(host), "seconds": secs,
-             "host_seconds": hook, "time": t}
-            for (step, _, secs, hook, t), host in zip(finished, values, strict=True)
-        ]  # fmt: skip
+        rows = []
+        for (step, _, secs, hook, t, k), host in zip(finished, values, strict=True):
+            # A fused call's k rows share its time evenly; `time` is each one's finish.
+            each = [host] if k == 1 else host[:k]
+            for i, one in enumerate(each):
+                row = {"step": step - k + 1 + i, **unpack_metrics(one), "seconds": secs / k,
+                       "host_seconds": hook / k, "time": t - (k - 1 - i) * secs / k}  # fmt: skip
+                rows.append(row)
         # Every hook sees every row, also when one of them raises (the guard asking for a
         # rollback): the first error is raised once all have seen the rows.
         error = None

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from jaxdml.metrics import MetricsWriter
-from jaxdml.training.hooks import Hook, StepInfo
+from jaxdml.training.hooks import Hook, StepInfo, until_multiple
 
 SPLITS = ("train", "test")
 
@@ -39,6 +39,9 @@ class EvalRows(Hook):
     def __init__(self, evaluate: Callable, every: int):
         self.evaluate, self.every = evaluate, every
         self.pending: dict[int, dict] = {}
+
+    def max_fused(self, step: int) -> int:
+        return until_multiple(step, self.every)
 
     def after_step(self, info: StepInfo) -> bool:
         if self.every and info.step % self.every == 0:

@@ -14,7 +14,7 @@ from jax import lax
 from jax.sharding import Mesh
 
 from jaxdml import mesh as mesh_lib
-from jaxdml.data import initial_position
+from jaxdml.batcher import initial_position
 from jaxdml.models.base import init_variables
 
 

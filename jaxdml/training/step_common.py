@@ -19,6 +19,8 @@ from jaxdml.training.state import TrainState
 
 # (state, batch) -> (next state, the packed metrics row: see METRICS)
 StepFn = Callable[[TrainState, dict], tuple[TrainState, jax.Array]]
+# (state, batches, k) -> (the state k steps later, their metrics rows [max_steps, METRICS])
+FusedFn = Callable[[TrainState, dict, Any], tuple[TrainState, jax.Array]]
 
 
 def all_finite(tree: Any) -> jax.Array:
@@ -89,3 +91,31 @@ def make_skip_step(mesh: Mesh, advance: Advance) -> StepFn:
 
     rep = replicated(mesh)
     return jax.jit(skip, out_shardings=(rep, rep))
+
+
+def make_fused_step(
+    step_fn: StepFn, mesh: Mesh, max_steps: int, full_batch: bool, donate: bool = False
+) -> FusedFn:
+    """`k` <= `max_steps` steps of `step_fn` in one XLA call (`train.steps_per_call`).
+
+    A small step (8k x 20 logistic regression on 4 CPU devices: 0.3 ms) costs the host
+    as much to dispatch as the devices to run: one call per k steps pays it once. `k` is
+    an argument (a while loop), so every k up to `max_steps` runs one compiled program.
+    `batches` is the one full batch (`full_batch`) or `max_steps` batches stacked on a
+    leading axis (`GlobalBatcher.next_many`; those past `k` are not read). Row i of the
+    metrics is step i's packed row; rows past `k` are NaN.
+    """
+    width = len(METRICS)
+
+    def fused(state: TrainState, batches: dict, k: jax.Array) -> tuple[TrainState, jax.Array]:
+        def body(i, carry):
+            state, rows = carry
+            batch = batches if full_batch else jax.tree.map(lambda b: b[i], batches)
+            state, row = step_fn(state, batch)
+            return state, rows.at[i].set(row)
+
+        rows = jnp.full((max_steps, width), jnp.nan, jnp.float32)
+        return jax.lax.fori_loop(0, k, body, (state, rows))
+
+    rep = replicated(mesh)
+    return jax.jit(fused, out_shardings=(rep, rep), donate_argnums=(0,) if donate else ())

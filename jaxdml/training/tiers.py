@@ -42,7 +42,7 @@ from jaxdml.checkpoint import Checkpointer, NoValidCheckpoint, Tier
 from jaxdml.faults import detect
 from jaxdml.faults.errors import SilentCorruption
 from jaxdml.memory_tier import MemoryTier
-from jaxdml.training.hooks import Hook, Periodic, StepInfo
+from jaxdml.training.hooks import Hook, Periodic, StepInfo, until_multiple
 
 PERSISTENT, MEMORY = "persistent", "memory"
 
@@ -342,6 +342,9 @@ class _Verify(Hook):
 
     def expect(self, step: int, fps: Any, mesh: Mesh, tier: Tier | None) -> None:
         self._pending.append((step, fps, mesh_lib.device_ids(mesh), tier))
+
+    def max_fused(self, step: int) -> int:
+        return until_multiple(step, self.every)
 
     def after_step(self, info: StepInfo) -> bool:
         # Verdicts on states before this one: the fingerprints of a save made just now

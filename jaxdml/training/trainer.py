@@ -24,10 +24,11 @@ from absl import logging
 from jaxdml import distributed, goodput, liveness
 from jaxdml import mesh as mesh_lib
 from jaxdml.accounting import Accounting
+from jaxdml.batcher import GlobalBatcher
 from jaxdml.checkpoint import NoValidCheckpoint, identity
 from jaxdml.config import ConfigError, validate
 from jaxdml.constants import VERSION
-from jaxdml.data import Dataset, GlobalBatcher, load_dataset
+from jaxdml.data import Dataset, load_dataset
 from jaxdml.faults import inject
 from jaxdml.faults.detect import StopSignals, Watchdog
 from jaxdml.faults.errors import GaveUp
@@ -51,7 +52,7 @@ from jaxdml.training.state import (
     to_host,
 )
 from jaxdml.training.step import make_gradient_step
-from jaxdml.training.step_common import StepFn, make_skip_step
+from jaxdml.training.step_common import FusedFn, StepFn, make_fused_step, make_skip_step
 from jaxdml.training.tiers import MEMORY, PERSISTENT, Tiers
 from jaxdml.training.tree_step import make_tree_step
 
@@ -177,6 +178,12 @@ class Trainer:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"model: {e}") from e
         self.model = model
+        if is_boosted(model) and config.train.steps_per_call > 1:
+            raise ConfigError(
+                "train.steps_per_call applies to gradient-trained models: a boosting round "
+                "keeps its margins between calls on the host side, and is long enough to "
+                "run alone (set it to 1)"
+            )
         # compiled once, not at every evaluation
         self._predict = jax.jit(lambda p, x: predict_with_state(model, p[0], p[1], x))
         self.optimizer = optimizer or build_optimizer(config, model)
@@ -202,6 +209,9 @@ class Trainer:
                 self.model, self.optimizer, self.mesh, advance, donate
             )
         self.skip_fn: StepFn = make_skip_step(self.mesh, advance)
+        k, full = self.config.train.steps_per_call, self.batcher.full_batch
+        fused = make_fused_step(self.step_fn, self.mesh, k, full, donate) if k > 1 else None
+        self.fused_fn: FusedFn | None = fused
         self._warm = False
 
     def restore_or_init(self) -> TrainState:
@@ -292,7 +302,7 @@ class Trainer:
 
     def _hooks(self, checkpoints: bool, supervised: bool, stop_when=None) -> list[Hook]:
         """The loop's hooks, in the order they run."""
-        hooks: list[Hook] = [BeforeStep(self.injector.before_step)]
+        hooks: list[Hook] = [BeforeStep(self.injector.before_step, self.injector.max_fused)]
         if checkpoints:  # fit(): goodput and step accounting, supervised or not. First:
             # its clock marks the step's dispatch, so a save that blocks (a dead peer in
             # its barrier) counts toward the next failure's detection time.
@@ -327,6 +337,8 @@ class Trainer:
             skip_steps=frozenset(self.skip_steps),
             transaction=spans,
             span=self.config.distributed.steps_per_transaction,
+            fused_fn=self.fused_fn,
+            steps_per_call=self.config.train.steps_per_call,
         )
 
     def _warm_up(self) -> None:
@@ -338,10 +350,15 @@ class Trainer:
             return
         t0 = time.perf_counter()
         with self._watch.allow(self.config.distributed.initialization_timeout_secs):
-            batch, _ = self.batcher.next(to_host(self.state.data_pos), self.mesh)
+            pos = to_host(self.state.data_pos)
+            batch, _ = self.batcher.next(pos, self.mesh)
             for fn in (self.step_fn, self.skip_fn):
                 if hasattr(fn, "lower"):
                     fn.lower(self.state, batch).compile()
+            if self.fused_fn is not None:
+                slots = self.config.train.steps_per_call
+                batches, _ = self.batcher.next_many(pos, 1, self.mesh, slots)
+                self.fused_fn.lower(self.state, batches, np.int32(slots)).compile()
             self.tiers.check_now(int(to_host(self.state.step)), self.state, self.mesh)
             distributed.barrier(
                 "warm_up",

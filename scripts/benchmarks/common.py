@@ -56,6 +56,8 @@ class Settings:
     host_loss_repeats: int  # hot vs cold host loss (recovery): runs of each mode
     models_repeats: int  # models: runs of ours and of each reference (median reported)
     ckpt_every: int = 10  # checkpoint steady-state test: an async save every k steps
+    # overhead: the fused variants' train.steps_per_call (and the bare loop's steps per call)
+    overhead_steps_per_call: int = 50
     host_loss_steps: int = 200  # training steps of a host-loss run
     host_loss_kill_at: int = 130  # process 1 is killed after this many steps
     host_loss_checkpoint_every: int = 50

@@ -1,6 +1,7 @@
 """Fault-tolerance overhead: steps/s of the supervised Trainer with every protection on vs a
 bare hand-written jitted shard_map loop on the same model and data (and vs the unprotected
-Trainer); repeats interleaved, median ratio."""
+Trainer), one step per call and K steps per call (`train.steps_per_call`) alike; repeats
+interleaved, median ratio."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from .common import Context, Section, _median, _progress, _pyplot, _save, _table
 
 # Overhead variants: (supervisor on, checkpoint every 100 steps, fingerprints every 50 steps +
 # watchdog). "bare" is the hand-written loop; the *_only variants split the protections' cost.
+# A "_fused" name runs K = overhead_steps_per_call steps per call, the others one.
 OVERHEAD_VARIANTS = {
     "plain": (False, False, False),
     "checkpoint_only": (True, True, False),
@@ -21,8 +23,8 @@ OVERHEAD_VARIANTS = {
 }
 
 
-def _overhead_config(rows: int, steps: int, variant: str):
-    supervised, checkpoints, checks = OVERHEAD_VARIANTS[variant]
+def _overhead_config(rows: int, steps: int, variant: str, steps_per_call: int = 1):
+    supervised, checkpoints, checks = OVERHEAD_VARIANTS[variant.removesuffix("_fused")]
     c = config_module("seed_logreg").get_config()
     if rows:  # a larger generated problem (the seed data is sklearn's, 10k rows)
         c.data.source, c.data.n_samples, c.data.n_informative = "synthetic", rows, 5
@@ -32,6 +34,7 @@ def _overhead_config(rows: int, steps: int, variant: str):
     c.checkpoint.every_steps = 100 if checkpoints else 0  # async Orbax save
     c.supervisor.fingerprint_every = 50 if checks else 0  # replica fingerprints (SDC)
     c.supervisor.watchdog_secs = 60.0 if checks else 0.0  # step watchdog thread
+    c.train.steps_per_call = steps_per_call if variant.endswith("_fused") else 1
     return c
 
 
@@ -44,7 +47,7 @@ def _time_trainer(config, dataset, devices, workdir: str, warm: int) -> tuple[fl
     marks: dict[int, float] = {}
 
     def mark(rows):  # rows arrive in bulk: their own finish time, not the delivery's
-        for row in rows:
+        for row in rows:  # (a fused call's rows: its finish, shared out evenly)
             if row["step"] in (warm, n):
                 marks.setdefault(row["step"], row["time"])
 
@@ -53,15 +56,18 @@ def _time_trainer(config, dataset, devices, workdir: str, warm: int) -> tuple[fl
     return (n - warm) / (marks[n] - marks[warm]), float(result["loss"])
 
 
-def bare_loop(x, y, devices, learning_rate: float, steps: int, warm: int) -> tuple[float, float]:
+def bare_loop(
+    x, y, devices, learning_rate: float, steps: int, warm: int, steps_per_call: int = 1
+) -> tuple[float, float]:
     """A hand-written data-parallel logistic-regression GD loop, nothing else.
 
     jax.shard_map computes each device's loss and gradient sums, a psum adds them,
-    optax applies SGD; at most 2 steps are in flight (docs/architecture.md: unbounded dispatch of
-    collectives deadlocks on CPU). No metrics, checkpoints, guards or hooks.
+    optax applies SGD; at most 2 calls are in flight (docs/architecture.md: unbounded dispatch of
+    collectives deadlocks on CPU), each of `steps_per_call` steps (a `lax.fori_loop`). No
+    metrics, checkpoints, guards or hooks.
 
     Returns:
-      (steps/s from step `warm` to the last, final loss).
+      (steps/s from the first call's end at or after step `warm` to the last, final loss).
     """
     import jax
     import jax.numpy as jnp
@@ -89,26 +95,34 @@ def bare_loop(x, y, devices, learning_rate: float, steps: int, warm: int) -> tup
 
     sums = jax.shard_map(local, mesh=mesh, in_specs=(P(), P("data"), P("data")), out_specs=P())
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(p, s, xb, yb):
+    def one(p, s, xb, yb):
         loss, grads = sums(p, xb, yb)
         updates, s = opt.update(jax.tree.map(lambda g: g / n, grads), s, p)
         return optax.apply_updates(p, updates), s, loss / n
 
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def call(p, s, xb, yb):
+        if steps_per_call == 1:
+            return one(p, s, xb, yb)
+        body = lambda _, c: one(c[0], c[1], xb, yb)  # noqa: E731
+        return jax.lax.fori_loop(0, steps_per_call, body, (p, s, jnp.zeros(())))
+
+    k = steps_per_call
     inflight: collections.deque = collections.deque()
     marks, done = {}, 0
-    for _ in range(steps):
+    for _ in range(steps // k):
         if len(inflight) >= 2:
             inflight.popleft().block_until_ready()
-            done += 1
+            done += k
             marks.setdefault(done, time.perf_counter())
-        params, opt_state, loss = step(params, opt_state, xs, ys)
+        params, opt_state, loss = call(params, opt_state, xs, ys)
         inflight.append(loss)
     while inflight:
         last = float(inflight.popleft())
-        done += 1
+        done += k
         marks.setdefault(done, time.perf_counter())
-    return (steps - warm) / (marks[steps] - marks[warm]), last
+    start = min(m for m in marks if m >= warm)
+    return (done - start) / (marks[done] - marks[start]), last
 
 
 def _overhead_problem(ctx: Context, name: str, rows: int, steps: int) -> dict:
@@ -117,18 +131,22 @@ def _overhead_problem(ctx: Context, name: str, rows: int, steps: int) -> dict:
     from jaxdml.data import load_dataset
 
     devices = jax.devices()[:4]
-    kinds = ["bare", "plain", "protected"]
+    k = ctx.settings.overhead_steps_per_call
+    kinds = ["bare", "plain", "protected", "bare_fused", "plain_fused", "protected_fused"]
     if ctx.settings.overhead_breakdown:
-        kinds[2:2] = ["checkpoint_only", "fingerprints_only"]
-    configs = {k: _overhead_config(rows, steps, k) for k in kinds if k != "bare"}
+        kinds += ["checkpoint_only_fused", "fingerprints_only_fused"]
+    configs = {v: _overhead_config(rows, steps, v, k) for v in kinds if not v.startswith("bare")}
     ds = load_dataset(configs["plain"].data)
     lr = configs["plain"].train.learning_rate
     warm = max(110, steps // 10)  # past compiling the step, the first save and the first check
     rates, losses = collections.defaultdict(list), {}
     for r in _progress(range(ctx.settings.overhead_repeats), f"overhead {name}"):
         for kind in kinds if r % 2 == 0 else kinds[::-1]:  # interleaved: drift hits all alike
-            if kind == "bare":
-                rate, losses[kind] = bare_loop(ds.x_train, ds.y_train, devices, lr, steps, warm)
+            if kind.startswith("bare"):
+                per_call = k if kind == "bare_fused" else 1
+                rate, losses[kind] = bare_loop(
+                    ds.x_train, ds.y_train, devices, lr, steps, warm, per_call
+                )
             else:
                 workdir = os.path.join(ctx.work, "overhead", f"{name}-{kind}-{r}".replace(" ", ""))
                 rate, losses[kind] = _time_trainer(configs[kind], ds, devices, workdir, warm)
@@ -145,9 +163,17 @@ def _overhead_problem(ctx: Context, name: str, rows: int, steps: int) -> dict:
         "devices": 4,
         "rates": dict(rates),
         "median_rate": {k: _median(v) for k, v in rates.items()},
+        "steps_per_call": k,
         "protected_over_bare": ratio("protected", "bare"),
         "plain_over_bare": ratio("plain", "bare"),
-        "over_plain": {k: ratio(k, "plain") for k in kinds if k not in ("bare", "plain")},
+        "fused_protected_over_bare": ratio("protected_fused", "bare_fused"),
+        "fused_plain_over_bare": ratio("plain_fused", "bare_fused"),
+        "fused_protected_over_one_step_bare": ratio("protected_fused", "bare"),
+        "over_plain": {
+            v: ratio(v, "plain_fused" if v.endswith("_fused") else "plain")
+            for v in kinds
+            if not v.startswith(("bare", "plain"))
+        },
         "final_loss": losses,
     }
 
@@ -156,26 +182,42 @@ def run(ctx: Context) -> Section:
     """The overhead section: every problem of ctx.settings, a table and a bar plot."""
     results = [_overhead_problem(ctx, *p) for p in ctx.settings.overhead_problems]
     split = ctx.settings.overhead_breakdown
-    header = ["problem", "steps", "bare steps/s", "plain steps/s", "protected steps/s",
-              "plain/bare", "protected/bare", "protected/plain"]  # fmt: skip
+    header = ["problem", "steps per call", "steps", "bare steps/s", "plain steps/s",
+              "protected steps/s", "plain/bare", "protected/bare", "protected/plain"]  # fmt: skip
     if split:
         header += ["checkpoint only/plain", "fingerprints+watchdog only/plain"]
     rows = []
     for r in results:
         m, over = r["median_rate"], r["over_plain"]
-        row = [r["problem"], r["steps"], f"{m['bare']:.0f}", f"{m['plain']:.0f}",
-               f"{m['protected']:.0f}", f"{r['plain_over_bare']:.2f}",
-               f"**{r['protected_over_bare']:.2f}**", f"{over['protected']:.2f}"]  # fmt: skip
-        if split:
-            row += [f"{over['checkpoint_only']:.2f}", f"{over['fingerprints_only']:.2f}"]
-        rows.append(row)
+        for fused in ("", "_fused"):
+            plain_bare = r["fused_plain_over_bare" if fused else "plain_over_bare"]
+            prot_bare = r["fused_protected_over_bare" if fused else "protected_over_bare"]
+            row = [r["problem"], r["steps_per_call"] if fused else 1, r["steps"],
+                   f"{m['bare' + fused]:.0f}", f"{m['plain' + fused]:.0f}",
+                   f"{m['protected' + fused]:.0f}", f"{plain_bare:.2f}",
+                   f"**{prot_bare:.2f}**", f"{over['protected' + fused]:.2f}"]  # fmt: skip
+            if split:
+                row += [f"{over[k + fused]:.2f}" if k + fused in over else "-"
+                        for k in ("checkpoint_only", "fingerprints_only")]  # fmt: skip
+            rows.append(row)
     losses = "; ".join(
         f"{r['problem']}: bare {r['final_loss']['bare']:.6f}, "
-        f"protected {r['final_loss']['protected']:.6f}"
+        f"protected {r['final_loss']['protected']:.6f}, "
+        f"protected fused {r['final_loss']['protected_fused']:.6f}"
         for r in results
     )
-    body = OVERHEAD_TEXT.format(repeats=ctx.settings.overhead_repeats) + _table(header, rows)
-    body += f"\n\nFinal losses (the same model and data in both loops): {losses}."
+    against_one = ", ".join(
+        f"{r['problem']} {r['fused_protected_over_one_step_bare']:.2f}" for r in results
+    )
+    body = OVERHEAD_TEXT.format(
+        repeats=ctx.settings.overhead_repeats, k=ctx.settings.overhead_steps_per_call
+    )
+    body += _table(header, rows)
+    body += f"\n\nFinal losses (the same model and data in every loop): {losses}."
+    body += (
+        f"\n\nThe protected Trainer at {ctx.settings.overhead_steps_per_call} steps per call "
+        f"against the bare loop at one step per call: {against_one}."
+    )
     return Section("overhead", body, {"problems": results}, [_plot_overhead(ctx, results)])
 
 
@@ -186,7 +228,8 @@ OVERHEAD_TEXT = (
     "check are excluded) to the last step, median per variant; ratios are medians of "
     "the per-repeat ratios.\n\n"
     "- **bare**: a hand-written jitted `jax.shard_map` + `psum` + optax loop, dispatch "
-    "depth 2, nothing else (`bare_loop` in scripts/benchmarks/overhead.py).\n"
+    "depth 2, nothing else (`bare_loop` in scripts/benchmarks/overhead.py); at {k} steps "
+    "per call its jitted function runs a `lax.fori_loop` of {k} steps.\n"
     "- **plain**: `jaxdml.Trainer.fit()` without the supervisor: batcher, NaN guard (always "
     "on in the step), the step's metrics (batch accuracy from the loss's forward pass, "
     "gradient and parameter norms) kept on the devices and fetched every "
@@ -194,22 +237,40 @@ OVERHEAD_TEXT = (
     "- **protected**: the `jaxdml.train` path, supervisor and every protection: async "
     "checkpoint every 100 steps, NaN guard, replica fingerprints every 50 steps, step "
     "watchdog. The full run also times the checkpoints alone and the fingerprints and "
-    "watchdog alone, each under the supervisor.\n\n"
+    "watchdog alone, each under the supervisor (at {k} steps per call).\n"
+    "- The rows at {k} steps per call run plain and protected with "
+    "`train.steps_per_call={k}`: one XLA call runs up to {k} steps, ending at every save, "
+    "replica check and evaluation step; each row is compared with the bare loop at the same "
+    "number of steps per call.\n\n"
 )
 
 
 def _plot_overhead(ctx: Context, results: list[dict]) -> str:
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 3.8), squeeze=False)
     names = {"checkpoint_only": "ckpt\nonly", "fingerprints_only": "fp+wd\nonly"}
     colors = {"bare": "#7f7f7f", "plain": "#1f77b4", "protected": "#d62728"}
+    order = ["bare", "plain", "protected", "checkpoint_only", "fingerprints_only"]
     for ax, r in zip(axes[0], results, strict=True):
-        kinds = list(r["rates"])
-        labels = [names.get(k, k) for k in kinds]
+        kinds = sorted(
+            r["rates"],
+            key=lambda v: (
+                v.endswith("_fused"),
+                order.index(v[:-6] if v.endswith("_fused") else v),
+            ),
+        )
+        base = [k.removesuffix("_fused") for k in kinds]
+        labels = [names.get(b, b) + (f"\n×{r['steps_per_call']}" if k != b else "")
+                  for k, b in zip(kinds, base, strict=True)]  # fmt: skip
         heights = [r["median_rate"][k] for k in kinds]
-        ax.bar(labels, heights, color=[colors.get(k, "#ff7f0e") for k in kinds])
+        ax.bar(labels, heights, color=[colors.get(b, "#ff7f0e") for b in base])
         for i, k in enumerate(kinds):
             ax.scatter([i] * len(r["rates"][k]), r["rates"][k], color="k", s=8, zorder=3)
-        ax.set_title(f"{r['problem']}: protected/bare = {r['protected_over_bare']:.2f}", fontsize=9)
+        ax.set_title(
+            f"{r['problem']}: protected/bare = {r['protected_over_bare']:.2f} (1 step per call), "
+            f"{r['fused_protected_over_bare']:.2f} (×{r['steps_per_call']})",
+            fontsize=8,
+        )
+        ax.tick_params(axis="x", labelsize=7)
         ax.set_ylabel("steps/s")
     return _save(fig, ctx.plot_path("overhead.png"))

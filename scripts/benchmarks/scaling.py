@@ -59,7 +59,7 @@ def scaling_point(rows: int, num_devices: int, seconds: float) -> dict:
     jax.config.update("jax_num_cpu_devices", num_devices)
     import optax
 
-    from jaxdml.data import GlobalBatcher
+    from jaxdml.batcher import GlobalBatcher
     from jaxdml.mesh import make_mesh
     from jaxdml.models.linear import LinearModel
     from jaxdml.training.loop import Loop

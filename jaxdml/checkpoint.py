@@ -122,6 +122,9 @@ class Tier:
         self.saves = 0
         self.last_saved_step: int | None = None
         self._pending: list[_Pending] = []
+        # What a seal waits for (jaxdml.training.rows.RowsGate): a step is sealed only once
+        # the metrics rows of its steps were accepted by every hook and are on disk.
+        self.rows: Any = None
 
     # ----------------------------------------------------------------- saving
 
@@ -172,12 +175,16 @@ class Tier:
         self.poll()
 
     def poll(self) -> None:
-        """Seals (or sets aside) the pending saves that are committed and have a verdict;
-        cheap when there is nothing to do (a few stat calls)."""
+        """Seals (or sets aside) the pending saves that are committed and have a verdict
+        (and whose rows are through the gate); cheap when there is nothing to do (a few
+        stat calls)."""
         still = []
+        through = self.rows.through if self.rows is not None else None
         for p in self._pending:
             if (p.fingerprint is None and p.rejected is None) or not self._committed(p.step):
                 still.append(p)
+            elif p.rejected is None and through is not None and p.step > through:
+                still.append(p)  # its rows are not yet accepted and written
             elif p.rejected is not None:
                 self.set_aside(p.step, p.rejected)
             elif self._primary:
@@ -197,6 +204,8 @@ class Tier:
             self._finish_writes()
         except Exception as e:  # noqa: BLE001
             self._record_failure(self.last_saved_step, e)
+        if self.rows is not None:
+            self.rows.drain()
         self.poll()
         # What did not commit (a failed save) never will.
         self._pending = [p for p in self._pending if os.path.isdir(self._step_dir(p.step))]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
+import queue
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -62,10 +65,28 @@ class JsonlWriter:
 
 
 class MetricsWriter(JsonlWriter):
-    """metrics.jsonl (one row per step) plus TensorBoard scalars when asked for."""
+    """metrics.jsonl (one row per step) plus TensorBoard scalars when asked for.
+
+    The rows are written by a thread of their own (`write_rows` only queues them): the
+    JSON encoding, the file and TensorBoard stay off the training loop's path.
+    `durable_step` is the newest step whose row is on disk; `accept(step)` says that
+    every hook took the rows through `step` without raising (the anomaly guard raises
+    on rows it rejects). A checkpoint is sealed only once its step is `through` both
+    (jaxdml.checkpoint.Tier.poll): a kill that loses queued rows never leaves a
+    checkpoint newer than metrics.jsonl, and a rollback never restores one saved after
+    the rows that caused it. `drain()` waits for the queue; reading, truncating and
+    closing drain first.
+    """
 
     def __init__(self, workdir: str, tensorboard: bool = False):
         super().__init__(os.path.join(workdir, "metrics.jsonl"))
+        self.durable_step = 0
+        self.accepted_step = 0
+        self._queue: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._writer, name="jaxdml-metrics", daemon=True)
+        self._thread.start()
+        atexit.register(self.drain)  # a process that never closed its writer keeps its rows
         self._tb = None
         self._tb_dir = os.path.join(workdir, "tb")
         self._restarts = 0
@@ -94,6 +115,7 @@ class MetricsWriter(JsonlWriter):
         step or later, so it shows each step once, as metrics.jsonl does.
         """
         kept = [r for r in self.rows() if r.get("step", 0) <= step]
+        self.durable_step = self.accepted_step = step
         self._f.close()
         # A new file renamed over the old one: a kill during the rewrite leaves one of
         # them whole (rewritten in place, it could cut the rows of steps that stay done).
@@ -111,19 +133,66 @@ class MetricsWriter(JsonlWriter):
             self._tb = self._writer_class(self._tb_dir, purge_step=step + 1, filename_suffix=suffix)
 
     def write_rows(self, rows: list[dict]) -> None:
+        """Queues the rows for the writer thread (a failed write is raised here, next)."""
+        self._raise_failure()
+        self._queue.put(list(rows))
+
+    @property
+    def through(self) -> int:
+        """The newest step whose rows, and every earlier step's, are accepted and on disk."""
+        return min(self.durable_step, self.accepted_step)
+
+    def accept(self, step: int) -> None:
+        """Every hook took the rows through `step` (the loop calls this)."""
+        self.accepted_step = max(self.accepted_step, step)
+
+    def drain(self) -> None:
+        """Waits until every queued row is written."""
+        if self._thread.is_alive():
+            self._queue.join()
+        self._raise_failure()
+
+    def rows(self) -> list[dict]:
+        self.drain()
+        return super().rows()
+
+    def _writer(self) -> None:
+        while (rows := self._queue.get()) is not None:
+            try:
+                self._write_now(rows)
+            except Exception as e:  # noqa: BLE001 -- raised in the loop's thread
+                self._error = self._error or e
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
+
+    def _raise_failure(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _write_now(self, rows: list[dict]) -> None:
         super().write_rows(rows)
-        if self._tb is None:
-            return
-        for row in rows:
-            step = int(row["step"])
-            for k, v in row.items():
-                if k not in ("step", "time") and isinstance(v, int | float | np.number):
-                    self._tb.add_scalar(k, float(v), step)
+        if self._tb is not None:
+            for row in rows:
+                step = int(row["step"])
+                for k, v in row.items():
+                    if k not in ("step", "time") and isinstance(v, int | float | np.number):
+                        self._tb.add_scalar(k, float(v), step)
+        if rows and "step" in rows[-1]:
+            self.durable_step = int(rows[-1]["step"])
 
     def close(self) -> None:
-        super().close()
-        if self._tb is not None:
-            self._tb.close()
+        try:
+            self.drain()
+        finally:
+            if self._thread.is_alive():
+                self._queue.put(None)
+                self._thread.join()
+            atexit.unregister(self.drain)
+            super().close()
+            if self._tb is not None:
+                self._tb.close()
 
 
 class EventLog(JsonlWriter):

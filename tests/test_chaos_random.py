@@ -41,6 +41,7 @@ def test_the_tail_sees_appends_and_a_rewrite_by_a_resume(tmp_path):
     assert tail.poll() == []
     for s in range(1, 11):
         writer.write(_row(s, 100.0 + s))
+    writer.drain()  # the rows are written by the writer's thread
     assert [r["step"] for r in tail.poll()] == list(range(1, 11)) and tail.max_step == 10
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 11, "ti')  # a torn line waits for the rest
@@ -53,6 +54,7 @@ def test_the_tail_sees_appends_and_a_rewrite_by_a_resume(tmp_path):
     writer.truncate_after(6)
     for s in range(7, 14):
         writer.write(_row(s, 200.0 + s))
+    writer.drain()
     assert [r["step"] for r in tail.poll()] == list(range(7, 14)) and tail.max_step == 13
     writer.truncate_after(9)
     assert tail.poll() == [] and tail.max_step == 9
@@ -77,9 +79,11 @@ def test_the_restore_detector_waits_for_the_first_row_of_the_newest_process(tmp_
     job.started = 1000.0
     writer = MetricsWriter(str(tmp_path))
     writer.write(_row(1, 999.0))  # a row of the process before
+    writer.drain()
     chaos._poll_rows()
     assert chaos._restarting() and not chaos._training()
     writer.write(_row(2, 1001.0))
+    writer.drain()
     chaos._poll_rows()
     assert not chaos._restarting() and chaos._training()
     job.first_seen[4242] = 1002.0  # a worker of the launcher seen later

@@ -254,3 +254,28 @@ def test_a_finished_run_leaves_no_memory_tier_in_ram_set_aside_steps_included(tm
     assert os.listdir(unused.memory.directory) == ["run"]
     unused.close()
     assert not os.path.exists(tmp_path / "ram")
+
+
+def test_a_save_is_sealed_only_once_the_metrics_rows_of_its_steps_are_written(tmp_path):
+    import jax.numpy as jnp
+
+    from jaxdml.checkpoint import SEAL
+
+    class Rows:  # a RowsGate whose rows reach step 3 until drained
+        through = 3
+
+        def drain(self):
+            self.through = 8
+
+    ck = Checkpointer(str(tmp_path / "checkpoints"), str(tmp_path / "aside"))
+    ck.rows = Rows()
+    assert ck.save(5, {"w": jnp.arange(4.0)}, {}) is True
+    ck.approve(5, "0123456789abcdef")
+    ck.manager.wait_until_finished()
+    ck.poll()  # committed and approved, but rows 4-5 are not on disk yet
+    seal = os.path.join(ck._step_dir(5), SEAL)
+    assert not os.path.exists(seal)
+    ck.wait()  # drains the rows, then seals
+    with open(seal) as f:
+        assert json.load(f) == {"fingerprint": "0123456789abcdef"}
+    ck.close()

@@ -132,3 +132,32 @@ def test_each_run_caches_compilations_in_its_own_workdir(tmp_path, recwarn):
         jax.config.update("jax_compilation_cache_dir", session)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
         jax_cache.reset_cache()
+
+
+def test_metrics_rows_are_written_by_their_own_thread_and_drained_on_read(tmp_path, monkeypatch):
+    import threading
+
+    from jaxdml.metrics import JsonlWriter, MetricsWriter
+
+    writers = []
+    real = JsonlWriter.write_rows
+
+    def write_rows(self, rows):
+        writers.append(threading.current_thread().name)
+        return real(self, rows)
+
+    monkeypatch.setattr(JsonlWriter, "write_rows", write_rows)
+    metrics = MetricsWriter(str(tmp_path))
+    metrics.write_rows([{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.4}])
+    metrics.write_rows([{"step": 3, "loss": 0.3}])
+    assert [r["step"] for r in metrics.rows()] == [1, 2, 3]  # reading drains the queue
+    assert metrics.durable_step == 3 and set(writers) == {"jaxdml-metrics"}
+    # A seal waits until the loop says every hook took the rows (the guard did not raise).
+    assert metrics.through == 0
+    metrics.accept(2)
+    assert metrics.through == 2
+    metrics.truncate_after(2)
+    assert metrics.durable_step == 2 and [r["step"] for r in read_jsonl(metrics.path)] == [1, 2]
+    metrics.write_rows([{"step": 3, "loss": 0.25}])
+    metrics.close()  # drains
+    assert [r["loss"] for r in read_jsonl(metrics.path)] == [0.5, 0.4, 0.25]

@@ -25,10 +25,6 @@ TrainState = Any  # jaxdml.training.state.TrainState (not imported: this module 
 UNLIMITED = 2**31 - 1  # Hook.max_fused: any number of steps
 
 
-def _nothing() -> None:
-    pass
-
-
 def until_multiple(step: int, every: int) -> int:
     """Steps from `step` to the next multiple of `every` (UNLIMITED when `every` is 0): a
     hook that acts at multiples of `every` lets a fused call run up to there."""
@@ -39,12 +35,13 @@ def until_multiple(step: int, every: int) -> int:
 class StepInfo:
     """A step just dispatched. `step` steps are done once it finishes; `state` is its
     result (a future: reading it waits for the step, which the hot path must not do).
-    `flush()` finishes every dispatched step and hands its row to `on_metrics` now: a
-    checkpoint of this step must not outlive a kill that loses rows it covers."""
+    `expedite()` asks the loop to hand the rows through this step to `on_metrics` as soon
+    as it finishes, not at the next fetch period (a save's seal waits for them), without
+    waiting for it now."""
 
     step: int
     state: TrainState
-    flush: Callable[[], None] = _nothing
+    expedite: Callable[[], None] = lambda: None
 
 
 class Hook:
@@ -88,7 +85,7 @@ class Periodic(Hook):
     loop started, not at once. Multi-process, clocks differ: `agree(due)` turns this
     process's "time is up" into the decision every process takes at the same step
     (jaxdml.liveness.Agreement); the default takes it as it is. `clock` is injectable.
-    `flush_first`: the rows of the steps so far are delivered before `fn` runs (saves).
+    `expedite_rows`: the rows through the step are asked for early (`StepInfo.expedite`).
     """
 
     fn: Callable[[int, TrainState], None]
@@ -96,7 +93,7 @@ class Periodic(Hook):
     every_secs: float = 0.0
     clock: Callable[[], float] = time.monotonic
     agree: Callable[[bool], bool] | None = None
-    flush_first: bool = False
+    expedite_rows: bool = False
     _last_time: float | None = None
     _last_step: int | None = None
 
@@ -115,8 +112,8 @@ class Periodic(Hook):
         self._last_step = info.step
         if due_steps or due_secs:
             self._last_time = now
-            if self.flush_first:
-                info.flush()
+            if self.expedite_rows:
+                info.expedite()
             self.fn(info.step, info.state)
         return False
 

@@ -31,9 +31,9 @@ class Loop:
     waits for step t - depth to finish (unbounded async dispatch of collectives
     deadlocks XLA's CPU rendezvous). Waiting reads nothing back: the metrics of
     finished steps stay on the device and are fetched in one transfer every
-    `fetch_every` finished steps (and for the first finished step, when a hook asks
-    through `StepInfo.flush` before a save, and when the loop ends or fails), then handed
-    to the hooks' `on_metrics`.
+    `fetch_every` finished steps (and for the first finished step, as soon as a step a
+    hook asked for through `StepInfo.expedite` finishes, and when the loop ends or
+    fails), then handed to the hooks' `on_metrics`.
 
     With a `fused_fn` (`train.steps_per_call` = K > 1), up to K steps run in one call:
     as many as every hook's `max_fused` allows (a save, a replica check, an evaluation
@@ -54,6 +54,8 @@ class Loop:
       hooks: `jaxdml.training.hooks.Hook`s, called in order.
       skip_steps: steps whose batch is set aside (`skip_fn` runs instead).
       fused_fn, steps_per_call: see above (`make_fused_step(..., max_steps=K)`).
+      accepted: called with the last step of every delivery no hook raised on (the
+        run's MetricsWriter.accept: checkpoint seals wait for it).
       transaction, span: see above.
       clock, wall: monotonic clock for the rows' `seconds`, wall clock for their `time`.
     """
@@ -73,6 +75,7 @@ class Loop:
         span: int = 1,
         fused_fn: FusedFn | None = None,
         steps_per_call: int = 1,
+        accepted: Callable[[int], None] | None = None,
         clock: Callable[[], float] = time.perf_counter,
         wall: Callable[[], float] = time.time,
     ):
@@ -81,6 +84,7 @@ class Loop:
         self.hooks = list(hooks)
         self.transaction, self.span = transaction, max(1, span)
         self.fused_fn = fused_fn
+        self.accepted = accepted
         self.steps_per_call = max(1, steps_per_call) if fused_fn is not None else 1
         self.dispatch_depth = dispatch_depth
         self.fetch_every = max(1, fetch_every)
@@ -92,10 +96,10 @@ class Loop:
         self._finished: list[tuple[int, Any, float, float, float, int]] = []
         self._last_finish = 0.0
         self._host = 0.0  # seconds in after_step hooks since the previous finish
-        self._inflight: collections.deque = collections.deque()  # plain mode's dispatched steps
         # The first finished step of a run is delivered at once: it tells the hooks that
         # training goes on (a recovery's event is written then), whatever comes next.
         self._delivered = False
+        self._expedite = 0  # deliver as soon as this step has finished (a save's seal waits)
 
     def run(self, state: TrainState) -> TrainState:
         """Trains until `num_steps` or until a hook asks to stop; returns the state of the
@@ -123,7 +127,7 @@ class Loop:
     # ------------------------------------------------------------------ one process
 
     def _run_plain(self, step: int, state: TrainState, pos: dict) -> TrainState:
-        inflight = self._inflight = collections.deque()
+        inflight: collections.deque = collections.deque()
         while step < self.num_steps:
             while len(inflight) >= self.dispatch_depth:
                 self._finish(*inflight.popleft())
@@ -164,7 +168,7 @@ class Loop:
                 raise
             step = end
             self.last_good = (step, state)
-            if len(self._finished) >= self.fetch_every or not self._delivered:
+            if self._delivery_due(step):
                 self._deliver()
             if self._after_step(step, state):
                 break
@@ -221,16 +225,10 @@ class Loop:
         """Runs every hook's after_step; True when one asks to stop. Their time is the
         host work of the next finished step's row (`host_seconds`)."""
         t0 = self.clock()
-        info = StepInfo(step, state, self._flush)
+        info = StepInfo(step, state, lambda: self._expedite_through(step))
         stop = any([hook.after_step(info) for hook in self.hooks])
         self._host += self.clock() - t0
         return stop
-
-    def _flush(self) -> None:
-        """Finishes the steps in flight and delivers every queued row (a save asks)."""
-        while self._inflight:
-            self._finish(*self._inflight.popleft())
-        self._deliver()
 
     def _finish(
         self, step: int, state: TrainState, metrics, k: int = 1, commit: bool = True
@@ -244,8 +242,17 @@ class Loop:
         self._last_finish, self._host = now, 0.0
         if commit:
             self.last_good = (step, state)
-            if len(self._finished) >= self.fetch_every or not self._delivered:
+            if self._delivery_due(step):
                 self._deliver()
+
+    def _expedite_through(self, step: int) -> None:
+        self._expedite = max(self._expedite, step)
+
+    def _delivery_due(self, finished: int) -> bool:
+        """Whether the queued rows go out now that step `finished` has finished."""
+        if len(self._finished) >= self.fetch_every or not self._delivered:
+            return True
+        return self._expedite > 0 and finished >= self._expedite
 
     def _deliver(self) -> None:
         """Fetches the queued metrics in one transfer and hands the rows to the hooks."""
@@ -253,6 +260,8 @@ class Loop:
             return
         finished, self._finished = self._finished, []
         self._delivered = True
+        if finished[-1][0] >= self._expedite:
+            self._expedite = 0
         values = fetch([item[1] for item in finished])
         rows = []
         for (step, _, secs, hook, t, k), host in zip(finished, values, strict=True):
@@ -272,3 +281,5 @@ class Loop:
                 error = error or e
         if error is not None:
             raise error
+        if self.accepted is not None:
+            self.accepted(rows[-1]["step"])

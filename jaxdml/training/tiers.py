@@ -119,9 +119,12 @@ class Tiers:
       config: the run's config (reads config.checkpoint).
       workdir: the run folder.
       on_event: callback(kind, step, **fields) for events.jsonl.
+      rows: the run's RowsGate: a save is sealed once its steps' rows are through it.
     """
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str, on_event: Callable):
+    def __init__(
+        self, config: ml_collections.ConfigDict, workdir: str, on_event: Callable, rows: Any = None
+    ):
         ck = config.checkpoint
         self.config, self.on_event = config, on_event
         self.persistent = Checkpointer(
@@ -144,6 +147,8 @@ class Tiers:
                 max_to_keep=ck.local_max_to_keep,
                 on_event=on_event,
             )
+        for tier in self.all:
+            tier.rows = rows  # seals wait for the metrics rows of their steps
         self.verify = _Verify(self)
         self._fingerprints: tuple[tuple, Any] | None = None  # ((step, mesh), array) of a save
 
@@ -170,7 +175,7 @@ class Tiers:
                 steps,
                 secs,
                 agree=agree(f"save_{tier}"),
-                flush_first=True,
+                expedite_rows=True,  # its seal waits for the rows of its steps
             )  # fmt: skip
             for tier, steps, secs in schedules
             if steps or secs

@@ -114,7 +114,7 @@ class Trainer:
         self.metrics = MetricsWriter(records, config.train.tensorboard)
         self.events = EventLog(records, tensorboard=lambda: self.metrics.tensorboard)
         self.goodput = GoodputLog(records)  # the job's goodput record, across restarts
-        self.tiers = Tiers(config, workdir, self.events.record)
+        self.tiers = Tiers(config, workdir, self.events.record, rows=self.metrics)
         self.tiers.verify.every = config.supervisor.fingerprint_every
         faults = inject.parse(config.faults)
         try:
@@ -339,6 +339,7 @@ class Trainer:
             span=self.config.distributed.steps_per_transaction,
             fused_fn=self.fused_fn,
             steps_per_call=self.config.train.steps_per_call,
+            accepted=self.metrics.accept,
         )
 
     def _warm_up(self) -> None:

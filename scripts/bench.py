@@ -11,7 +11,8 @@ section that fails says so there and the command exits 1 after writing everythin
 
   overhead    steps/s of the supervised Trainer with every protection on vs a bare
               hand-written jitted shard_map loop on the same model and data (and vs
-              the unprotected Trainer); repeats interleaved, median ratio
+              the unprotected Trainer), at one and at K steps per call
+              (train.steps_per_call); repeats interleaved, median ratio
   checkpoint  seconds the loop is blocked per save, async vs sync, and the steady-state
               steps/s with a save every few steps vs none
   recovery    recovery seconds and lost steps per fault kind, in-process (hot) vs

@@ -115,3 +115,42 @@ def test_steps_per_call_is_refused_for_boosted_trees(tmp_path):
     config.train.steps_per_call = 4
     with pytest.raises(ConfigError, match="steps_per_call"):
         Trainer(config, str(tmp_path), devices=jax.devices()[:4])
+
+
+def test_fused_calls_stay_inside_multi_process_spans(tmp_path):
+    """Spans of 10 steps (a live_devices transaction each) with up to 4 steps per call:
+    calls of 4, 4 and 2 steps, and a failed span drops its rows as with one step per call."""
+    import contextlib
+
+    class PeerDied(RuntimeError):
+        pass
+
+    @contextlib.contextmanager
+    def transaction(end):
+        yield
+        if end == 40:
+            raise PeerDied(end)
+
+    config = seed_logreg.get_config()
+    config.train.num_steps = 100
+    config.train.steps_per_call = 4
+    trainer = Trainer(config, str(tmp_path), devices=jax.devices()[:4])
+    calls = []
+
+    def fused(state, batches, k):
+        calls.append(int(k))
+        return trainer.fused_fn(state, batches, k)
+
+    rows = Seen()
+    rows.on_metrics = lambda got: rows.steps.extend(r["step"] for r in got)
+    loop = Loop(
+        trainer.step_fn, trainer.batcher, trainer.mesh, 100, hooks=[rows], fetch_every=25,
+        transaction=transaction, span=10, fused_fn=fused, steps_per_call=4,
+    )  # fmt: skip
+    with pytest.raises(PeerDied):
+        loop.run(trainer.state)
+    assert calls == [4, 4, 2] * 4
+    assert loop.last_good[0] == 30
+    # The first span's rows at once, after_step once per committed span (10, 20, 30),
+    # the rows of 11..30 when the loop fails; none of the failed span's.
+    assert rows.steps == [*range(1, 11), 10, 20, 30, *range(11, 31)]

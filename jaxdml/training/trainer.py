@@ -307,7 +307,7 @@ class Trainer:
             # its clock marks the step's dispatch, so a save that blocks (a dead peer in
             # its barrier) counts toward the next failure's detection time.
             hooks.append(self.accounting)
-        # Evaluation before the saves: a save delivers the rows so far, its step's too.
+        # Evaluation before the saves: its scores join the row a save asks for early.
         hooks.append(self._eval_rows)
         if checkpoints:
             save = lambda tier, step, state: self.save_checkpoint(step, state, tier)  # noqa: E731

@@ -122,8 +122,9 @@ class Tier:
         self.saves = 0
         self.last_saved_step: int | None = None
         self._pending: list[_Pending] = []
-        # What a seal waits for (jaxdml.training.rows.RowsGate): a step is sealed only once
-        # the metrics rows of its steps were accepted by every hook and are on disk.
+        # What a seal waits for (the run's MetricsWriter: `through`, `drain()`): a step is
+        # sealed only once the metrics rows of its steps were accepted by every hook and
+        # are on disk.
         self.rows: Any = None
 
     # ----------------------------------------------------------------- saving

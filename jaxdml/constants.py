@@ -5,6 +5,9 @@ A leaf module: it imports nothing of jaxdml, so any layer may read it.
 
 VERSION = "0.1.0"
 
+# Hook.max_fused's "any number of steps": no hook needs a fused call to end.
+UNLIMITED_STEPS = 2**31 - 1
+
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2  # a bad config value, flag or data file; nothing was trained
 EXIT_GAVE_UP = 3  # the supervisor stopped: too few devices or recovery budget spent

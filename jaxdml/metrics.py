@@ -133,9 +133,10 @@ class MetricsWriter(JsonlWriter):
             self._tb = self._writer_class(self._tb_dir, purge_step=step + 1, filename_suffix=suffix)
 
     def write_rows(self, rows: list[dict]) -> None:
-        """Queues the rows for the writer thread (a failed write is raised here, next)."""
+        """Queues copies of the rows for the writer thread (a later hook may still change
+        its own; a failed write is raised here, next)."""
         self._raise_failure()
-        self._queue.put(list(rows))
+        self._queue.put([dict(row) for row in rows])
 
     @property
     def through(self) -> int:

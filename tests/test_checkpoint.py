@@ -261,7 +261,7 @@ def test_a_save_is_sealed_only_once_the_metrics_rows_of_its_steps_are_written(tm
 
     from jaxdml.checkpoint import SEAL
 
-    class Rows:  # a RowsGate whose rows reach step 3 until drained
+    class Rows:  # a MetricsWriter whose rows are through step 3 until drained
         through = 3
 
         def drain(self):

@@ -42,6 +42,13 @@ def train(config_module, workdir, steps_per_call, faults=""):
     return params, rows, seen.steps, trainer
 
 
+def seed_trainer(workdir, steps, steps_per_call):
+    config = seed_logreg.get_config()
+    config.train.num_steps = steps
+    config.train.steps_per_call = steps_per_call
+    return Trainer(config, str(workdir), devices=jax.devices()[:4])
+
+
 @pytest.mark.parametrize("config_module", [seed_logreg, sgd_logreg], ids=["full", "minibatch"])
 def test_fused_calls_train_bitwise_like_one_step_per_call(tmp_path, config_module):
     params1, rows1, seen1, _ = train(config_module, tmp_path / "one", 1)
@@ -78,10 +85,7 @@ def test_an_injected_fault_fires_alone_at_its_step_in_a_fused_run(tmp_path):
 
 
 def test_a_hook_that_acts_before_every_step_turns_fusing_off(tmp_path):
-    config = seed_logreg.get_config()
-    config.train.num_steps = 20
-    config.train.steps_per_call = 5
-    trainer = Trainer(config, str(tmp_path), devices=jax.devices()[:4])
+    trainer = seed_trainer(tmp_path, steps=20, steps_per_call=5)
     before = []
 
     def note(step, state, batch):
@@ -131,10 +135,7 @@ def test_fused_calls_stay_inside_multi_process_spans(tmp_path):
         if end == 40:
             raise PeerDied(end)
 
-    config = seed_logreg.get_config()
-    config.train.num_steps = 100
-    config.train.steps_per_call = 4
-    trainer = Trainer(config, str(tmp_path), devices=jax.devices()[:4])
+    trainer = seed_trainer(tmp_path, steps=100, steps_per_call=4)
     calls = []
 
     def fused(state, batches, k):

@@ -163,6 +163,40 @@ def test_ctrl_c_finishes_the_step_saves_exits_130_and_the_rerun_is_identical(tmp
     assert metric_steps(tmp_path) == list(range(1, 3001))
 
 
+def test_a_fused_run_killed_from_outside_at_a_random_moment_resumes_to_the_same_result(
+    tmp_path,
+):
+    """train.steps_per_call=8, SIGKILLed by another process at a random wall-clock moment
+    (inside a fused call, a save or a delivery: wherever it lands); the rerun ends with
+    every step logged once and the parameters of an uninterrupted one-step-per-call run."""
+    import random
+
+    steps = 4000
+    args = (f"--config.train.num_steps={steps}", "--config.checkpoint.every_steps=500",
+            "--config.checkpoint.local_every_steps=100")  # fmt: skip
+    reference = tmp_path / "reference"
+    assert train(reference, *args).returncode == 0
+    run, fused = tmp_path / "fused", "--config.train.steps_per_call=8"
+    cmd = [sys.executable, "-m", "experiments.train", f"--config={SMOKE}",
+           f"--workdir={run}", *COMMON, *args, fused]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        metrics = run / "metrics.jsonl"
+        assert wait_until(lambda: metrics.exists() and metrics.stat().st_size > 0, 120)
+        time.sleep(random.uniform(0.0, 1.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -9
+    assert max(metric_steps(run)) < steps  # killed mid-run
+    rerun = train(run, *args, fused)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert metric_steps(run) == list(range(1, steps + 1))
+    assert result(run)["params_sha256"] == result(reference)["params_sha256"]
+
+
 def test_ctrl_c_during_start_up_is_kept_for_the_loop_not_lost(tmp_path):
     """A SIGINT while the run starts (restore, compilation: JAX's callbacks run then, and
     a KeyboardInterrupt raised in one is dropped by Python) stops the run after its first

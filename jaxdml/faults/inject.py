@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from jaxdml.constants import UNLIMITED_STEPS
 from jaxdml.faults.errors import DeviceLost
 
 KINDS = (
@@ -182,7 +183,7 @@ class Injector:
             for f in self.faults
             if f.end >= step and not (f.start == f.end and self._key(f, f.start) in self.fired)
         ]
-        return max(1, min(due) - step) if due else 2**31 - 1
+        return max(1, min(due) - step) if due else UNLIMITED_STEPS
 
     def before_step(self, step: int, state, batch: dict):
         """Applies the faults due after `step` completed steps; returns (state, batch)."""

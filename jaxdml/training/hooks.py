@@ -19,10 +19,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-TrainState = Any  # jaxdml.training.state.TrainState (not imported: this module is a leaf)
+from jaxdml.constants import UNLIMITED_STEPS
+
+TrainState = Any  # jaxdml.training.state.TrainState (not imported: no training import here)
 
 
-UNLIMITED = 2**31 - 1  # Hook.max_fused: any number of steps
+UNLIMITED = UNLIMITED_STEPS  # Hook.max_fused: any number of steps
 
 
 def until_multiple(step: int, every: int) -> int:

@@ -119,7 +119,7 @@ class Tiers:
       config: the run's config (reads config.checkpoint).
       workdir: the run folder.
       on_event: callback(kind, step, **fields) for events.jsonl.
-      rows: the run's RowsGate: a save is sealed once its steps' rows are through it.
+      rows: the run's MetricsWriter: a save is sealed once its steps' rows are `through` it.
     """
 
     def __init__(

@@ -123,6 +123,7 @@ def test_quick_benchmark_writes_every_section_and_valid_plots(tmp_path):
     [overhead] = raw["overhead"]["problems"]
     losses = overhead["final_loss"]
     assert losses["bare"] == pytest.approx(losses["protected"], rel=1e-4)  # same model and data
+    assert losses["bare"] == pytest.approx(losses["protected_memory_fused"], rel=1e-4)
     # Timings are the benchmark's to report, not this test's to judge (the suite runs on
     # two workers of a shared machine): only that each ratio and slope was measured.
     assert math.isfinite(overhead["protected_over_bare"]) and overhead["protected_over_bare"] > 0

@@ -161,3 +161,34 @@ def test_metrics_rows_are_written_by_their_own_thread_and_drained_on_read(tmp_pa
     metrics.write_rows([{"step": 3, "loss": 0.25}])
     metrics.close()  # drains
     assert [r["loss"] for r in read_jsonl(metrics.path)] == [0.5, 0.4, 0.25]
+
+
+@pytest.mark.parametrize("donated", [False, True])
+def test_a_memory_tier_save_reads_the_state_on_its_writer_thread(tmp_path, monkeypatch, donated):
+    """The loop hands the arrays over and goes on; reading them back (which waits for the
+    step that makes them) is the writer thread's job, unless the state will be donated."""
+    import threading
+
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxdml import memory_tier
+
+    readers = []
+    real = memory_tier._replica
+
+    def replica(x):
+        readers.append(threading.current_thread().name)
+        return real(x)
+
+    monkeypatch.setattr(memory_tier, "_replica", replica)
+    tier = memory_tier.MemoryTier(str(tmp_path / "memory"), donated=donated)
+    state = {"b": jnp.ones(()), "w": jax.jit(lambda w: w + 1.0)(jnp.arange(4.0))}
+    assert tier.save(7, state, {}) is True
+    tier.wait()
+    loop_thread = threading.current_thread().name
+    assert len(readers) == 2 and all((r == loop_thread) == donated for r in readers)
+    assert tier.steps() == [7] and tier.failed_saves == 0
+    saved = np.load(os.path.join(tier.directory, "7", "1.npy"))
+    np.testing.assert_array_equal(saved, [1.0, 2.0, 3.0, 4.0])
+    tier.close()

@@ -146,6 +146,7 @@ class Tiers:
                 os.path.join(self.local_dir, "set_aside", f"process_{me}"),
                 max_to_keep=ck.local_max_to_keep,
                 on_event=on_event,
+                donated=config.train.donate,
             )
         for tier in self.all:
             tier.rows = rows  # seals wait for the metrics rows of their steps

@@ -272,3 +272,32 @@ def test_trees_are_identical_when_devices_outnumber_features(tmp_path):
     assert len(set(shas.values())) == 1, shas
     params = to_host(runs[4][0].state.params)
     assert set(np.unique(params["feature"])) == {0, 1} and params["leaf"].any()
+
+
+def test_a_fresh_run_compiles_its_round_in_the_warm_up_not_in_the_first_step(tmp_path):
+    # The round compiles under the watchdog's allowance and counts as compilation (the
+    # goodput record's "compile"), like the gradient steps; round 0 needs no margins
+    # recomputation, so the loop lowers (hence compiles) nothing. Lowerings are counted,
+    # not compilations: a persistent-cache hit compiles nothing but still lowers.
+    from jax._src import dispatch, monitoring
+
+    lowered = []
+
+    def listen(event, seconds, **kwargs):
+        del seconds, kwargs
+        if event == dispatch.JAXPR_TO_MLIR_MODULE_EVENT:
+            lowered.append(event)
+
+    config = gbdt.get_config("smoke")
+    trainer = Trainer(config, str(tmp_path), devices=jax.devices()[:2])
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        trainer._warm_up()
+        warm = len(lowered)
+        trainer.run_steps(3)
+        jax.block_until_ready(trainer.state)
+    finally:
+        monitoring.unregister_event_duration_listener(listen)
+    assert warm >= 2  # the round and the skip step (the fingerprints may be cached)
+    assert len(lowered) == warm and trainer.step_fn.reused == 2
+    trainer.close()

@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -126,6 +127,12 @@ class TreeStep:
         self._round = _jitted_round(model, mesh, advance, donate)
         self._recompute = _jitted_margins(model, mesh)
 
+    def lower(self, state: TrainState, batch: dict) -> Any:
+        """The round lowered for `state` and `batch` (the trainer's warm-up compiles it)."""
+        shape = (batch["x"].shape[0], self.model.num_outputs)
+        margins = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=data_sharded(self.mesh))
+        return self._round.lower(state, batch, margins)
+
     def __call__(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         kept, self._kept = self._kept, None  # donated below; dropped if the call fails
         if (
@@ -138,7 +145,8 @@ class TreeStep:
             self.reused += 1
         elif _known_zero(state.step):
             shape = (batch["x"].shape[0], self.model.num_outputs)
-            margins = jnp.zeros(shape, jnp.float32, device=data_sharded(self.mesh))
+            # Placed, not computed: nothing to compile at the first round.
+            margins = jax.device_put(np.zeros(shape, np.float32), data_sharded(self.mesh))
         else:
             margins = self._recompute(state.params, state.step, batch["x"])
         state, metrics, margins = self._round(state, batch, margins)

@@ -4,8 +4,8 @@ A save hands the state's arrays to one background thread, which waits for the st
 finish, takes this process's replica (on the CPU backend a zero-copy view of the device
 buffer) and writes every leaf as a .npy file and a meta.json into a temporary folder, then
 renames it to the step's folder: the rename is the commit. The loop blocks for nothing,
-not even for the saved step to finish (measured: 0.96 of the bare loop's steps/s with a
-save every 100 steps, docs/architecture.md). A donated state (`train.donate`) would be
+not even for the saved step to finish (measured: 1.01 of the bare loop's steps/s with a
+save every 100 steps, results/benchmarks.md). A donated state (`train.donate`) would be
 deleted under the thread, so then the replica is taken on the loop before the hand-over.
 Restores read the files back and lay them on this process's devices; the seal and the
 validity rules are the shared ones of jaxdml.checkpoint.Tier.

@@ -137,7 +137,7 @@ def test_quick_benchmark_writes_every_section_and_valid_plots(tmp_path):
     # The kill restarted it. Its redone steps may be 0: the memory tier saves every 100
     # steps and at its default 5 s, so the kill can land right after a save
     # (tests/test_goodput.py checks the redone-step accounting against metrics.jsonl).
-    assert faulty["lives"] >= 2 and faulty["steps_redone"] >= 0
+    assert faulty["lives"] >= 2
     assert 0 < raw["goodput"]["goodput"]["job_records"] < 1
     assert all(math.isfinite(v) for v in raw["scaling"]["slopes"].values())
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import functools
 import json
+import mmap
 import os
 import queue
 import threading
@@ -38,6 +39,32 @@ def read_jsonl(path: str) -> list[dict]:
             except json.JSONDecodeError:
                 logging.warning("%s: dropping a torn line", path)
     return rows
+
+
+def last_row_through(path: str, step: float = float("inf")) -> tuple[int, dict | None]:
+    """(the byte offset just past it, the row) of the last whole row of a step-ordered
+    .jsonl file whose step is at most `step`; (0, None) when there is none. Reads the
+    file from its end, only as far back as that row."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115
+    except FileNotFoundError:
+        return 0, None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return 0, None
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            end = m.rfind(b"\n") + 1  # past the last newline: a torn line is not whole
+            while end > 0:
+                start = m.rfind(b"\n", 0, end - 1) + 1
+                try:
+                    row = json.loads(m[start:end])
+                except json.JSONDecodeError:
+                    row = None
+                if isinstance(row, dict) and row.get("step", 0) <= step:
+                    return end, row
+                end = start
+    return 0, None
 
 
 class JsonlWriter:
@@ -110,19 +137,22 @@ class MetricsWriter(JsonlWriter):
     def truncate_after(self, step: int) -> None:
         """Drops rows past `step`: a resumed run redoes those steps and logs them again.
 
+        The rows are in step order, one per step, so the file is cut in place just past
+        the last whole row at or before `step`, found from the end: a resume costs the
+        rows it drops, not the run's length (rewriting the whole file took seconds at a
+        few hundred thousand rows). One truncate(2) call: a kill leaves the file either
+        whole or cut, never a kept row torn. A torn last line goes with the cut.
+
         TensorBoard's files are append-only: a new writer with `purge_step=step + 1`
         records a restart there, and TensorBoard discards every earlier event at that
         step or later, so it shows each step once, as metrics.jsonl does.
         """
-        kept = [r for r in self.rows() if r.get("step", 0) <= step]
+        self.drain()
         self.durable_step = self.accepted_step = step
         self._f.close()
-        # A new file renamed over the old one: a kill during the rewrite leaves one of
-        # them whole (rewritten in place, it could cut the rows of steps that stay done).
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(tmp, self.path)
+        end, _ = last_row_through(self.path, step)
+        if os.path.exists(self.path):
+            os.truncate(self.path, end)
         self._f = open(self.path, "a")  # noqa: SIM115
         if self._tb is not None:
             self._tb.close()

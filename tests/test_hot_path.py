@@ -163,6 +163,39 @@ def test_metrics_rows_are_written_by_their_own_thread_and_drained_on_read(tmp_pa
     assert [r["loss"] for r in read_jsonl(metrics.path)] == [0.5, 0.4, 0.25]
 
 
+def test_a_resume_cuts_metrics_jsonl_from_its_end(tmp_path, monkeypatch):
+    """A resume drops the rows past its step by reading back only as far as it must, not
+    the whole run's rows; a torn last line (a killed writer) goes too, kept rows stay."""
+    import json
+
+    from jaxdml import metrics as metrics_lib
+
+    metrics = metrics_lib.MetricsWriter(str(tmp_path))
+    metrics.write_rows([{"step": s, "loss": 1.0 / s} for s in range(1, 5001)])
+    metrics.close()
+    with open(metrics.path, "a") as f:
+        f.write('{"step": 5001, "lo')  # torn by a kill
+    parsed, real = [], json.loads
+
+    def loads(text, *a, **k):
+        parsed.append(text)
+        return real(text, *a, **k)
+
+    monkeypatch.setattr(metrics_lib.json, "loads", loads)
+    metrics = metrics_lib.MetricsWriter(str(tmp_path))
+    metrics.truncate_after(4990)
+    assert len(parsed) == 11  # rows 5000..4990, read from the end
+    monkeypatch.undo()
+    metrics.write_rows([{"step": 4991, "loss": 0.5}])
+    metrics.close()
+    rows = read_jsonl(metrics.path)
+    assert [r["step"] for r in rows] == list(range(1, 4992))
+    assert rows[-1]["loss"] == 0.5 and rows[-2]["loss"] == 1.0 / 4990
+    assert metrics_lib.last_row_through(metrics.path, 10)[1] == rows[9]
+    assert metrics_lib.last_row_through(metrics.path, 0) == (0, None)
+    assert metrics_lib.last_row_through(str(tmp_path / "none.jsonl")) == (0, None)
+
+
 @pytest.mark.parametrize("donated", [False, True])
 def test_a_memory_tier_save_reads_the_state_on_its_writer_thread(tmp_path, monkeypatch, donated):
     """The loop hands the arrays over and goes on; reading them back (which waits for the

@@ -33,7 +33,7 @@ from jaxdml.faults import inject
 from jaxdml.faults.detect import StopSignals, Watchdog
 from jaxdml.faults.errors import GaveUp
 from jaxdml.goodput import GoodputLog
-from jaxdml.metrics import EventLog, MetricsWriter, write_json
+from jaxdml.metrics import EventLog, MetricsWriter, last_row_through, write_json
 from jaxdml.models import build_model, check_model, is_boosted, model_inputs, num_steps
 from jaxdml.models.base import predict_with_state, task
 from jaxdml.supervisor import Supervisor
@@ -525,8 +525,9 @@ class Trainer:
 
     def _last_logged_loss(self) -> float | None:
         """The loss of the newest row in metrics.jsonl (no step ran in this process)."""
-        rows = self.metrics.rows()
-        return rows[-1].get("loss") if rows else None
+        self.metrics.drain()
+        _, row = last_row_through(self.metrics.path)
+        return row.get("loss") if row else None
 
     def stopped(self, step: int, signum: int | None) -> dict:
         """After a stop signal: the verified save is done; record it and close. The next

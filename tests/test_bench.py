@@ -62,9 +62,14 @@ def test_goodput_config_and_logreg_row_are_valid_runs():
     from jaxdml.config import validate
     from jaxdml.data import load_dataset
 
-    s = common.with_overrides(common.QUICK, ["goodput_config=wide_mlp"])
-    command = goodput._goodput_command(100, s.goodput_config)
+    s = common.with_overrides(
+        common.QUICK, ["goodput_config=wide_mlp", "goodput_local_every_steps=0"]
+    )
+    command = goodput._goodput_command(100, s.goodput_config, s.goodput_local_every_steps)
     assert "--config=wide_mlp" in command and "--config.train.num_steps=100" in command
+    assert not [a for a in command if "local_every_steps" in a]  # the config's own: 10
+    seed = goodput._goodput_command(100, "seed_logreg", common.QUICK.goodput_local_every_steps)
+    assert "--config.checkpoint.local_every_steps=100" in seed
     data = {"source": "synthetic", "n_samples": 500, "n_features": 5, "n_informative": 2}
     config = models._config(common.config_module("seed_logreg"), "", data)
     ds = load_dataset(config.data)

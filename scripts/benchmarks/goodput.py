@@ -45,13 +45,16 @@ def goodput_plan(num_steps: int, interval: int, num_devices: int = 4) -> str:
     return ",".join(entries)
 
 
-def _goodput_command(steps: int, config: str) -> list[str]:
+def _goodput_command(steps: int, config: str, local_every_steps: int = 100) -> list[str]:
+    """The goodput runs' command. `local_every_steps`: the memory tier's step schedule
+    (0: the config's own). Every 100 steps, besides the default every 5 s, suits a
+    millisecond step (seed_logreg); the persistent tier saves by time (every_secs, 300 s):
+    an Orbax save every 100 steps of such a step would cost the loop more than the faults
+    (docs/architecture.md). A config with slow steps (wide_mlp) has its own schedule."""
+    schedule = [f"--config.checkpoint.local_every_steps={local_every_steps}"]
     return [
         *_train_command(steps, config),
-        # Checkpoints every 100 steps in the memory tier (besides its default every 5 s),
-        # the persistent tier by time (every_secs, 300 s): an Orbax save every 100 steps of
-        # a millisecond step would cost the loop more than the faults (docs/architecture.md).
-        "--config.checkpoint.local_every_steps=100",
+        *(schedule if local_every_steps else []),
         "--config.supervisor.fingerprint_every=50",
         "--config.supervisor.watchdog_secs=5",
         # A hang is max(5 s, 10 x the median step) without progress: the default 50x is
@@ -61,14 +64,15 @@ def _goodput_command(steps: int, config: str) -> list[str]:
     ]
 
 
-def _goodput_run(workdir: str, config: str, steps: int, plan: str, timeout: float) -> dict:
+def _goodput_run(
+    workdir: str, config: str, steps: int, plan: str, timeout: float, local_every_steps: int
+) -> dict:
     """Runs `config` for `steps` with `plan`, restarted until done; its record."""
     from jaxdml import chaos
 
     crashes = plan.count("sigkill") + plan.count("hang")
-    codes, wall = chaos.run_plan(
-        _goodput_command(steps, config), workdir, plan, max_attempts=crashes + 3, timeout=timeout
-    )
+    command = _goodput_command(steps, config, local_every_steps)
+    codes, wall = chaos.run_plan(command, workdir, plan, max_attempts=crashes + 3, timeout=timeout)
     events = _read_events(workdir)
     lost_steps, lost_s = chaos.lost_work(events)
     fault_times = _fault_times(events)
@@ -105,7 +109,12 @@ def run(ctx: Context) -> Section:
     base = os.path.join(ctx.work, "goodput")
     timeout = 10 * s.goodput_seconds + 120
     bar = _progress(None, "goodput: calibration, fault-free, faulty run", total=3)
-    run_one = functools.partial(_goodput_run, config=s.goodput_config, timeout=timeout)
+    run_one = functools.partial(
+        _goodput_run,
+        config=s.goodput_config,
+        timeout=timeout,
+        local_every_steps=s.goodput_local_every_steps,
+    )
     calibration = run_one(
         os.path.join(base, "calibration"), steps=s.goodput_calibration_steps, plan=""
     )
@@ -200,9 +209,11 @@ def _goodput_body(s: Settings, rate, steps, plan, clean, faulty, goodput) -> str
             for k, v in faulty["job"]["seconds"].items()
         ],
     )  # fmt: skip
+    k = s.goodput_local_every_steps
+    memory = f"every {k} steps and every 5 s" if k else "on the config's own schedule"
     return (
-        f"The `{s.goodput_config}` config with protections on (checkpoint every 100 steps "
-        "and every 5 s in the memory tier, every 300 s in the persistent tier, fingerprints "
+        f"The `{s.goodput_config}` config with protections on (checkpoint {memory} in the "
+        "memory tier, every 300 s in the persistent tier, fingerprints "
         "every 50 steps, watchdog max(5 s, 10 x the median step)) for "
         f"{steps} steps, sized to about {s.goodput_seconds:.0f} s by a "
         f"calibration run. The fault-free run then measured {rate:.3g} steps/s (its own wall "

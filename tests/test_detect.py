@@ -81,6 +81,21 @@ def test_fingerprint_sees_every_bit_and_ignores_layout():
     assert detect.fingerprint_hex(jax.device_put(a, replicated(mesh))) == detect.fingerprint_hex(a)
 
 
+def test_fingerprint_values_stay_those_of_earlier_versions():
+    """Checkpoints record their state's fingerprint: the one-pass hash must give the values
+    the earlier two-pass form gave (pinned from it), for every kind of leaf."""
+    rng = np.random.default_rng(1)
+    tree = {
+        "w": rng.standard_normal((300, 7)).astype(np.float32),
+        "b": np.arange(5, dtype=np.int32),
+        "h": np.ones(3, np.float16),
+        "m": np.array([True, False]),
+        "s": np.float32(2.5),
+        "e": np.zeros((0,), np.float32),
+    }
+    assert detect.fingerprint_hex(tree) == "6a36d9712be33ce8"
+
+
 def test_classify_separates_losses_from_bugs():
     assert detect.classify(errors.DeviceLost("UNAVAILABLE: x")) == detect.DEVICE_LOSS
     assert detect.classify(RuntimeError("Gloo all-reduce failed: Connection reset by peer")) == (

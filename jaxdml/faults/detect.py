@@ -33,13 +33,25 @@ def fingerprint(tree: Any) -> jax.Array:
     Integer sums wrap and are associative, so the value does not depend on
     reduction order or device count: the same bits give the same fingerprint
     on any mesh. Not cryptographic; it catches torn files and flipped bits.
+
+    Both sums are one variadic reduction, one pass over the bits: as two `jnp.sum`s
+    XLA:CPU made two passes and hashed 51M words in 268 ms; as one, 24.5 ms (the same
+    values; docs/architecture.md).
     """
     h = jnp.zeros((2,), jnp.uint32)
+    zero = jnp.uint32(0)
     for i, leaf in enumerate(jax.tree.leaves(tree)):
         bits = _leaf_bits(leaf)
         pos = jnp.arange(bits.shape[0], dtype=jnp.uint32)
-        a = jnp.sum((bits ^ (pos * jnp.uint32(_K1))) * jnp.uint32(_K2), dtype=jnp.uint32)
-        b = jnp.sum((bits + pos * jnp.uint32(_K3)) ^ (bits >> 7), dtype=jnp.uint32)
+        a, b = jax.lax.reduce(
+            (
+                (bits ^ (pos * jnp.uint32(_K1))) * jnp.uint32(_K2),
+                (bits + pos * jnp.uint32(_K3)) ^ (bits >> 7),
+            ),
+            (zero, zero),
+            lambda x, y: (x[0] + y[0], x[1] + y[1]),
+            (0,),
+        )
         salt = jnp.uint32(i + 1) * jnp.uint32(_K3)
         h = h + jnp.stack([a ^ salt, b * (salt | jnp.uint32(1))])
     return h

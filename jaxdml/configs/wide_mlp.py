@@ -35,8 +35,10 @@ def get_config(arg: str = ""):
     c.train.num_steps = 300  # about 27 epochs of 1437 images
     c.train.log_every = 50  # progress logging period
     c.checkpoint.every_steps = 100  # persistent (Orbax) saves
-    c.checkpoint.local_every_steps = 10  # memory tier: at most 10 steps redone on a restart
-    c.checkpoint.local_every_secs = 0.0  # (steps, not seconds: a restart redoes <= 10)
+    # Memory tier: at most 3 steps redone on a restart or rollback. Measured fault-free (40
+    # steps, 2 interleaved repeats): 0.61 steps/s saving every 3 steps, 0.60 every 10.
+    c.checkpoint.local_every_steps = 3
+    c.checkpoint.local_every_secs = 0.0  # (steps, not seconds: a restart redoes <= 3)
     if arg == "smoke":
         c.train.num_steps = 20  # a few steps for tests
         c.train.warmup_steps = 5  # below the cosine's length

@@ -68,7 +68,7 @@ class Settings:
     # The goodput runs' config (a shipped name or a path) and memory-tier step schedule
     # (0: the config's own). The realistic workload is --set=goodput_config=wide_mlp
     # --set=goodput_calibration_steps=30 --set=goodput_local_every_steps=0 (its config
-    # saves every 10 steps of about a second).
+    # saves every 3 steps of about a second).
     goodput_config: str = "seed_logreg"
     goodput_local_every_steps: int = 100
 

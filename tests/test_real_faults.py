@@ -70,13 +70,16 @@ def reference(tmp_path_factory):
     return workdir
 
 
-def test_a_kill_resumes_from_the_memory_tier_with_at_most_k_steps_redone(tmp_path, reference):
+def test_a_kill_resumes_from_one_of_the_two_newest_memory_tier_saves(tmp_path, reference):
     proc = train(tmp_path, "--config.faults=sigkill@43")
     assert proc.returncode == -9
     proc = train(tmp_path, "--config.faults=sigkill@43")
     assert proc.returncode == 0, proc.stderr[-3000:]
     (resumed,) = [e for e in events(tmp_path) if e["kind"] == "resumed"]
-    assert resumed["source"] == "memory" and 43 - 5 <= resumed["step"] <= 43
+    # The memory tier saves every 5 steps; the save of step 40 is written and sealed in
+    # the background, and on a loaded machine may still be in flight when the kill lands
+    # 3 steps later: then the one before it (35) is the newest sealed.
+    assert resumed["source"] == "memory" and resumed["step"] in (35, 40)
     assert result(tmp_path)["params_sha256"] == result(reference)["params_sha256"]
     assert metric_steps(tmp_path) == list(range(1, STEPS + 1))
     # A finished run leaves nothing in the memory tier.

@@ -60,11 +60,11 @@ class Accounting(Hook):
                 self._first_of_loop = False
                 self._compile_steps.add(row["step"])
             self.step_seconds[row["step"]] = row["seconds"]
-            self.device_seconds[row["step"]] = max(0.0, row["seconds"] - row["host_seconds"])
+            self.device_seconds[row["step"]] = max(0.0, row["seconds"] - row["stall_seconds"])
+        if self.goodput is not None:  # first: the in-loop spans they resolve are charged
+            self.goodput.steps(rows)  # before the recovery takes out the spans within it
         if self._pending is not None:
             self._close_recovery(rows[0])
-        if self.goodput is not None:
-            self.goodput.steps(rows)
 
     def begin_recovery(self, recovery: dict) -> None:
         """A recovery was made (kind, step, devices, action, steps_redone, `detected`: the

@@ -5,8 +5,11 @@ process 0's is the job record, other processes keep theirs in their process fold
 
   {"kind": "life", "t": start of the process}           a new process life began
   {"kind": "span", "category": C, "t": end, "seconds"}  time spent in category C
+                                  ("hidden": true: host work between steps that the
+                                  steps in flight hid, so not badput)
   {"kind": "steps", "first", "last", "seconds": [...], "host", "t"}   finished steps:
                                   each one's device time, and the host work between them
+                                  that stalled the devices
   {"kind": "resume", "step": s, "t"}                    training continues after step s
 
 `summarize` reads the log back: step time is productive unless a later `resume` went back
@@ -66,7 +69,7 @@ class GoodputLog(JsonlWriter):
         self.clock = clock
         self.life_start = process_start_time() if started is None else started
         self._spent = 0.0  # seconds of this life's spans so far
-        self._claimed = 0.0  # seconds of in-loop spans not yet taken out of `host`
+        self._in_loop: list[dict] = []  # in-loop spans waiting for their steps' rows
         self._ends: list[tuple[float, float]] = []  # (when it ended, seconds) of each span
         self._started = False
         self.write({"kind": "life", "t": self.life_start})
@@ -80,20 +83,29 @@ class GoodputLog(JsonlWriter):
         **detail,
     ) -> None:
         """`seconds` spent in `category`, ending now (or at `ended`, the log's clock).
-        `in_loop`: spent inside the loop's host work between steps (a periodic save), so
-        not counted again as `host`. `detail`: more fields of the record (a save's tier)."""
+
+        `in_loop`: spent inside the loop's host work between steps (a periodic save). It
+        is recorded with the rows of the steps it fell between (`steps`): badput only if
+        the devices ran dry meanwhile (the rows' `stall_seconds`); otherwise it was hidden
+        behind the steps in flight, and is recorded `hidden` (productive time, no
+        category's). `detail`: more fields of the record (a save's tier)."""
         if category not in CATEGORIES:
             raise ValueError(f"unknown goodput category {category!r}")
         ended = self.clock() if ended is None else ended
-        self._spent += seconds
-        self._ends.append((ended, seconds))
+        record = {"kind": "span", "category": category, "seconds": float(seconds),
+                  "t": ended, **detail}  # fmt: skip
         if in_loop:
-            self._claimed += seconds
-        self.write({"kind": "span", "category": category, "seconds": float(seconds),
-                    "t": ended, **detail})  # fmt: skip
+            self._in_loop.append(record)
+        else:
+            self._charge(record)
+
+    def _charge(self, record: dict) -> None:
+        self._spent += record["seconds"]
+        self._ends.append((record["t"], record["seconds"]))
+        self.write(record)
 
     def spent_before(self, t: float) -> float:
-        """Seconds of this life's spans that ended by `t` (the log's clock)."""
+        """Seconds of this life's (charged) spans that ended by `t` (the log's clock)."""
         return sum(seconds for end, seconds in self._ends if end <= t)
 
     def started(self) -> None:
@@ -103,20 +115,47 @@ class GoodputLog(JsonlWriter):
             self.span("startup", max(0.0, self.clock() - self.life_start - self._spent))
 
     def steps(self, rows: list[dict], compile_seconds: float = 0.0) -> None:
-        """Finished steps' device time (row seconds less the loop's host work between
-        steps, which is recorded as `host`); `compile_seconds` of it was compilation."""
+        """Finished steps' device time: row seconds less the loop's host work between
+        steps that stalled the devices (`stall_seconds`, recorded as `host`, or as the
+        in-loop spans in it); `compile_seconds` of it was compilation."""
         if not rows:
             return
-        host = sum(r["host_seconds"] for r in rows)
-        seconds = [max(0.0, r["seconds"] - r["host_seconds"]) for r in rows]
+        stall = sum(r["stall_seconds"] for r in rows)
+        seconds = [max(0.0, r["seconds"] - r["stall_seconds"]) for r in rows]
         seconds[0] = max(0.0, seconds[0] - compile_seconds)
-        claimed = min(host, self._claimed)
-        self._claimed -= claimed
+        claimed = self._resolve_in_loop(rows)
         self.write({"kind": "steps", "first": rows[0]["step"], "last": rows[-1]["step"],
-                    "seconds": [round(x, 6) for x in seconds], "host": host - claimed,
+                    "seconds": [round(x, 6) for x in seconds], "host": max(0.0, stall - claimed),
                     "t": self.clock()})  # fmt: skip
         if compile_seconds:  # it ended with the first of these steps
             self.span("compile", compile_seconds, ended=rows[0].get("time"))
+
+    def _resolve_in_loop(self, rows: list[dict]) -> float:
+        """Records the in-loop spans that ended within these rows' time: charged where
+        their row stalled (or where no row holds them: their steps were lost), hidden
+        where not. Returns the seconds charged."""
+        first_start = rows[0]["time"] - rows[0]["seconds"]
+        claimed, waiting = 0.0, []
+        for record in self._in_loop:
+            t = record["t"]
+            if t > rows[-1]["time"]:
+                waiting.append(record)  # between later steps
+                continue
+            row = next((r for r in rows if r["time"] - r["seconds"] < t <= r["time"]), None)
+            if t > first_start and row is not None and not row["stall_seconds"]:
+                self.write({**record, "hidden": True})
+            else:
+                self._charge(record)
+                claimed += record["seconds"]
+        self._in_loop = waiting
+        return claimed
+
+    def close(self) -> None:
+        """In-loop spans no row claimed (the loop failed after them) are badput."""
+        for record in self._in_loop:
+            self._charge(record)
+        self._in_loop = []
+        super().close()
 
     def resume(self, step: int) -> None:
         """Training goes on after `step` (a start, restart, rollback or re-formed mesh)."""
@@ -163,6 +202,7 @@ def summarize(records: list[dict]) -> dict:
     done: list[tuple[int, list[float]]] = []  # (first step, each step's seconds) still kept
     lives, redone_steps, start, last_t = 0, 0, None, None
     restarts = 0.0  # start-up, restore and compilation that a fault-free job does not pay
+    hidden: dict[str, float] = {}  # in-loop host work the devices' queue hid
     compiles = 0  # compilations in this life (the first is the warm-up)
     for r in records:
         kind = r["kind"]
@@ -175,7 +215,9 @@ def summarize(records: list[dict]) -> dict:
             last_t = r["t"]
             continue
         last_t = max(last_t if last_t is not None else r["t"], r["t"])
-        if kind == "span":
+        if kind == "span" and r.get("hidden"):  # behind the steps in flight: productive
+            hidden[r["category"]] = hidden.get(r["category"], 0.0) + r["seconds"]
+        elif kind == "span":
             category = r["category"]
             seconds[category] += r["seconds"]
             if category == "compile":
@@ -207,6 +249,7 @@ def summarize(records: list[dict]) -> dict:
         "steps_kept": sum(len(each) for _, each in done),
         "steps_redone": redone_steps,
         "lives": lives,
+        "hidden_seconds": hidden,
     }
 
 
@@ -235,6 +278,10 @@ def table(summary: dict) -> str:
     ]
     for k, v in summary["seconds"].items():
         lines.append(f"| {k} | {v:.2f} | {100 * summary['fractions'][k]:.1f} |")
+    hidden = summary.get("hidden_seconds") or {}
+    if hidden:
+        each = ", ".join(f"{k} {v:.2f} s" for k, v in sorted(hidden.items()))
+        lines += ["", f"host work hidden behind steps in flight (productive, not badput): {each}"]
     return "\n".join(lines)
 
 

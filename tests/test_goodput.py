@@ -44,6 +44,33 @@ def test_summary_cuts_redone_steps_and_sums_to_the_wall_time():
     assert s["fault_fraction"] == pytest.approx(14.0 / 46.0)
 
 
+def test_host_work_hidden_behind_running_steps_is_productive_not_badput(tmp_path):
+    """An in-loop span (a periodic save) is badput only where its row says the devices ran
+    dry (`stall_seconds`); behind a running step it is recorded hidden, and its row's time
+    stays productive. One no row claims (the loop died after it) is charged at close."""
+    now = [100.0]
+    log = goodput.GoodputLog(str(tmp_path), clock=lambda: now[0], started=100.0)
+
+    def row(step, end, seconds, host, stall):
+        return {"step": step, "time": end, "seconds": seconds, "host_seconds": host,
+                "stall_seconds": stall}  # fmt: skip
+
+    log.span("checkpoint", 0.5, in_loop=True, ended=100.8)  # during step 1: hidden
+    log.span("checkpoint", 0.25, in_loop=True, ended=102.5)  # during step 3: stalled
+    log.span("checkpoint", 0.125, in_loop=True, ended=103.5)  # after the rows so far
+    now[0] = 103.0
+    log.steps([row(1, 101.0, 1.0, 0.5, 0.0), row(2, 102.0, 1.0, 0.0, 0.0),
+               row(3, 103.0, 1.0, 0.375, 0.375)])  # fmt: skip
+    now[0] = 104.0
+    log.close()
+    s = goodput.summarize(goodput.read(str(tmp_path)))
+    assert s["hidden_seconds"] == {"checkpoint": 0.5}
+    assert s["seconds"]["checkpoint"] == pytest.approx(0.25 + 0.125)
+    assert s["seconds"]["host"] == pytest.approx(0.125)  # row 3's stall less its save
+    assert s["seconds"]["productive"] == pytest.approx(1.0 + 1.0 + 0.625)
+    assert sum(s["seconds"].values()) == pytest.approx(s["job_wall_seconds"])
+
+
 def test_per_process_records_keep_each_process_detection_and_recovery(tmp_path):
     """A multi-process job: process 0's record is the job's; each process's own summary
     and in-process recoveries (from its events) are listed apart, where they differ."""
@@ -70,7 +97,7 @@ def test_per_process_records_keep_each_process_detection_and_recovery(tmp_path):
 
 
 def _device_seconds(rows):
-    return sum(max(0.0, r["seconds"] - r["host_seconds"]) for r in rows)
+    return sum(max(0.0, r["seconds"] - r["stall_seconds"]) for r in rows)
 
 
 ARGS = (

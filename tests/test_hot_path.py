@@ -1,6 +1,7 @@
 """The hot path: the loop reads metrics back in bulk, and every step is logged once."""
 
 import os
+import time
 
 import jax
 import pytest
@@ -225,3 +226,53 @@ def test_a_memory_tier_save_reads_the_state_on_its_writer_thread(tmp_path, monke
     saved = np.load(os.path.join(tier.directory, "7", "1.npy"))
     np.testing.assert_array_equal(saved, [1.0, 2.0, 3.0, 4.0])
     tier.close()
+
+
+class Sleeps(Hook):
+    """Host work after the given steps (a stand-in for a save's blocking part)."""
+
+    def __init__(self, seconds, at):
+        self.seconds, self.at = seconds, set(at)
+
+    def after_step(self, info):
+        if info.step in self.at:
+            time.sleep(self.seconds)
+        return False
+
+
+def _slow(step_fn, iterations):
+    """step_fn followed by `iterations` dependent 256x256 matmuls: the metrics are ready
+    only when they are done."""
+    import jax.numpy as jnp
+
+    def slow(state, batch):
+        state, metrics = step_fn(state, batch)
+
+        def body(_, x):
+            return jnp.tanh(x @ x)
+
+        x = jax.lax.fori_loop(0, iterations, body, jnp.full((256, 256), 1e-3) + metrics[0])
+        return state, metrics + 0.0 * x[0, 0]
+
+    return jax.jit(slow)
+
+
+def test_host_work_counts_as_stall_only_when_the_devices_ran_dry(trainer):
+    """A row's `stall_seconds` is the host work after which the newest dispatched step had
+    finished (the devices idled); host work while a step still runs is hidden behind it."""
+    rows = Rows()
+    loop = Loop(
+        trainer.step_fn, trainer.batcher, trainer.mesh, 12, hooks=[Sleeps(0.2, {4, 8}), rows]
+    )
+    loop.run(trainer.state)  # steps of ~1 ms: a 0.2-s pause leaves the devices idle
+    paused = [r for r in rows.rows if r["host_seconds"] >= 0.2]
+    assert len(paused) == 2  # (the row of the step finished next: s - 1 at depth 2)
+    assert all(r["stall_seconds"] == r["host_seconds"] for r in paused)
+
+    rows = Rows()
+    slow = _slow(trainer.step_fn, 400)  # each step ~0.5 s on 4 CPU devices on 2 cores
+    loop = Loop(slow, trainer.batcher, trainer.mesh, 6, hooks=[Sleeps(0.05, {2, 3}), rows])
+    loop.run(trainer.state)
+    assert [r["step"] for r in rows.rows] == list(range(1, 7))
+    assert sum(r["host_seconds"] for r in rows.rows) >= 0.1
+    assert all(r["stall_seconds"] == 0.0 for r in rows.rows)

@@ -159,7 +159,7 @@ def test_killed_coordinator_cold_restarts_from_the_newest_checkpoint(tmp_path, r
     lost = [r for r in first_life if r["step"] > resumed["step"]]
     assert summary["lives"] == 2 and summary["steps_kept"] == STEPS
     assert summary["steps_redone"] == len(lost)
-    device_seconds = sum(max(0.0, r["seconds"] - r["host_seconds"]) for r in lost)
+    device_seconds = sum(max(0.0, r["seconds"] - r["stall_seconds"]) for r in lost)
     assert summary["seconds"]["redone"] == pytest.approx(device_seconds, abs=1e-4)
     assert summary["seconds"]["down"] > 0
     assert sum(summary["seconds"].values()) == pytest.approx(summary["job_wall_seconds"], rel=0.01)

@@ -91,11 +91,13 @@ class Loop:
         self.clock, self.wall = clock, wall
         self.last_good: tuple[int, TrainState] | None = None
         self.seconds = 0.0  # wall time spent in run()
-        # (last step, device metrics, seconds since the previous finish, hook seconds, wall
-        # time, steps in the call)
-        self._finished: list[tuple[int, Any, float, float, float, int]] = []
+        # (last step, device metrics, seconds since the previous finish, hook seconds, of
+        # them stalling the devices, wall time, steps in the call)
+        self._finished: list[tuple[int, Any, float, float, float, float, int]] = []
         self._last_finish = 0.0
         self._host = 0.0  # seconds in after_step hooks since the previous finish
+        self._stall = 0.0  # of those, the seconds after which the devices had run dry
+        self._newest: Any = None  # metrics of the newest dispatched call
         # The first finished step of a run is delivered at once: it tells the hooks that
         # training goes on (a recovery's event is written then), whatever comes next.
         self._delivered = False
@@ -196,6 +198,7 @@ class Loop:
         if k > 1:
             batches, after = self.batcher.next_many(pos, k, self.mesh, self.steps_per_call)
             state, metrics = self.fused_fn(state, batches, np.int32(k))
+            self._newest = metrics
             return state, after, metrics, k
         batch, after = self.batcher.next(pos, self.mesh)
         for hook in self.hooks:
@@ -204,6 +207,7 @@ class Loop:
         if step + 1 in self.skip_steps and self.skip_fn is not None:
             fn = self.skip_fn
         state, metrics = fn(state, batch)
+        self._newest = metrics
         return state, after, metrics, 1
 
     def _fusable(self, step: int, end: int) -> int:
@@ -223,11 +227,22 @@ class Loop:
 
     def _after_step(self, step: int, state: TrainState) -> bool:
         """Runs every hook's after_step; True when one asks to stop. Their time is the
-        host work of the next finished step's row (`host_seconds`)."""
+        host work of the next finished step's row (`host_seconds`).
+
+        It stalled the devices only if they ran out of work meanwhile: the newest
+        dispatched call was finished when the hooks returned (a device runs its queue in
+        order, so while that call is unfinished the devices never idled). Such time is
+        the row's `stall_seconds` too (all of it: the devices may have run dry only
+        towards its end, so this overcounts by at most the work that was in flight); host
+        work the devices' queue hid (a save dispatched while a long step runs) is not.
+        """
         t0 = self.clock()
         info = StepInfo(step, state, lambda: self._expedite_through(step))
         stop = any([hook.after_step(info) for hook in self.hooks])
-        self._host += self.clock() - t0
+        spent = self.clock() - t0
+        self._host += spent
+        if _finished(self._newest):
+            self._stall += spent
         return stop
 
     def _finish(
@@ -237,9 +252,9 @@ class Loop:
         back), and queues its metrics."""
         jax.block_until_ready(metrics)
         now = self.clock()
-        row = (step, metrics, now - self._last_finish, self._host, self.wall(), k)
+        row = (step, metrics, now - self._last_finish, self._host, self._stall, self.wall(), k)
         self._finished.append(row)
-        self._last_finish, self._host = now, 0.0
+        self._last_finish, self._host, self._stall = now, 0.0, 0.0
         if commit:
             self.last_good = (step, state)
             if self._delivery_due(step):
@@ -264,12 +279,13 @@ class Loop:
             self._expedite = 0
         values = fetch([item[1] for item in finished])
         rows = []
-        for (step, _, secs, hook, t, k), host in zip(finished, values, strict=True):
+        for (step, _, secs, hook, stall, t, k), host in zip(finished, values, strict=True):
             # A fused call's k rows share its time evenly; `time` is each one's finish.
             each = [host] if k == 1 else host[:k]
             for i, one in enumerate(each):
                 row = {"step": step - k + 1 + i, **unpack_metrics(one), "seconds": secs / k,
-                       "host_seconds": hook / k, "time": t - (k - 1 - i) * secs / k}  # fmt: skip
+                       "host_seconds": hook / k, "stall_seconds": stall / k,
+                       "time": t - (k - 1 - i) * secs / k}  # fmt: skip
                 rows.append(row)
         # Every hook sees every row, also when one of them raises (the guard asking for a
         # rollback): the first error is raised once all have seen the rows.
@@ -283,3 +299,8 @@ class Loop:
             raise error
         if self.accepted is not None:
             self.accepted(rows[-1]["step"])
+
+
+def _finished(metrics: Any) -> bool:
+    """Whether a dispatched call has finished (True when there is none), without waiting."""
+    return all(x.is_ready() for x in jax.tree.leaves(metrics) if isinstance(x, jax.Array))

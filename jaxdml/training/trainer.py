@@ -237,7 +237,8 @@ class Trainer:
             logging.warning("%s; starting from scratch (resume=auto_or_scratch)", e)
             return self._fresh_state()
         step = self._trained_from = int(to_host(state.step))
-        self.goodput.span("restore", time.perf_counter() - t0)
+        if self._restored_from is not None:  # (a fresh state's making is start-up)
+            self.goodput.span("restore", time.perf_counter() - t0)
         if step:  # (a fresh state recorded its own)
             self.goodput.resume(step)
         if step and c.checkpoint.resume != "required":  # an eval-only run resumes nothing

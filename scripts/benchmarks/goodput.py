@@ -239,4 +239,21 @@ def _goodput_body(s: Settings, rate, steps, plan, clean, faulty, goodput) -> str
         "same cores).\n\n" + _table(header, rows) + "\n\n"
         "Where each job's wall time went (`python -m experiments.goodput WORKDIR`):\n\n"
         + categories
+        + _hidden_line(clean["job"], faulty["job"])
+    )
+
+
+def _hidden_line(clean: dict, faulty: dict) -> str:
+    """The host work between steps that the steps in flight hid (productive time)."""
+    kinds = sorted({*clean.get("hidden_seconds", {}), *faulty.get("hidden_seconds", {})})
+    if not kinds:
+        return ""
+    each = ", ".join(
+        f"{k} {clean.get('hidden_seconds', {}).get(k, 0.0):.1f} s without faults, "
+        f"{faulty.get('hidden_seconds', {}).get(k, 0.0):.1f} s with them"
+        for k in kinds
+    )
+    return (
+        "\n\nHost work between steps that the steps in flight hid (the devices never ran "
+        f"dry during it, so it is productive time, in no category): {each}."
     )

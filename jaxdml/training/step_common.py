@@ -5,6 +5,7 @@ import this one; it imports neither.
 
 from __future__ import annotations
 
+import concurrent.futures
 from collections.abc import Callable
 from typing import Any
 
@@ -119,3 +120,14 @@ def make_fused_step(
 
     rep = replicated(mesh)
     return jax.jit(fused, out_shardings=(rep, rep), donate_argnums=(0,) if donate else ())
+
+
+def compile_together(programs: list, *beside: Callable[[], Any]) -> None:
+    """Compiles lowered programs side by side, and runs `beside` meanwhile: XLA compiles
+    without holding the GIL, so on a machine with idle cores the programs after the
+    first cost little more than the first (the trainer's warm-up: 0.3-0.6 s of a GBDT or
+    L-BFGS start-up on 2 cores)."""
+    with concurrent.futures.ThreadPoolExecutor(len(programs) + len(beside)) as pool:
+        futures = [pool.submit(p.compile) for p in programs] + [pool.submit(f) for f in beside]
+        for future in futures:
+            future.result()

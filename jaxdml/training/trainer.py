@@ -9,6 +9,7 @@ or the injector.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -37,6 +38,7 @@ from jaxdml.metrics import EventLog, MetricsWriter, last_row_through, write_json
 from jaxdml.models import build_model, check_model, is_boosted, model_inputs, num_steps
 from jaxdml.models.base import predict_with_state, task
 from jaxdml.supervisor import Supervisor
+from jaxdml.training import step_common
 from jaxdml.training.hooks import BeforeStep, Hook, StopWhen
 from jaxdml.training.loop import Loop
 from jaxdml.training.optimizers import build_optimizer
@@ -110,7 +112,8 @@ class Trainer:
         self.problem = {"config": identity(config), "data": self.dataset.identity()}
         self._build_model(model, optimizer)
         # Process 0 writes the run's records; the others keep theirs apart, per process.
-        records = workdir if distributed.is_coordinator() else _process_dir(workdir)
+        mine = os.path.join(workdir, f"process_{distributed.process_index()}")
+        records = workdir if distributed.is_coordinator() else mine
         self.metrics = MetricsWriter(records, config.train.tensorboard)
         self.events = EventLog(records, tensorboard=lambda: self.metrics.tensorboard)
         self.goodput = GoodputLog(records)  # the job's goodput record, across restarts
@@ -350,23 +353,21 @@ class Trainer:
         collective timeout."""
         if self._warm:
             return
-        t0 = time.perf_counter()
-        with self._watch.allow(self.config.distributed.initialization_timeout_secs):
+        t0, timeout = time.perf_counter(), self.config.distributed.initialization_timeout_secs
+        with self._watch.allow(timeout):
             pos = to_host(self.state.data_pos)
             batch, _ = self.batcher.next(pos, self.mesh)
-            for fn in (self.step_fn, self.skip_fn):
-                if hasattr(fn, "lower"):
-                    fn.lower(self.state, batch).compile()
+            fns = [f for f in (self.step_fn, self.skip_fn) if hasattr(f, "lower")]
+            lowered = [f.lower(self.state, batch) for f in fns]
             if self.fused_fn is not None:
                 slots = self.config.train.steps_per_call
                 batches, _ = self.batcher.next_many(pos, 1, self.mesh, slots)
-                self.fused_fn.lower(self.state, batches, np.int32(slots)).compile()
-            self.tiers.check_now(int(to_host(self.state.step)), self.state, self.mesh)
-            distributed.barrier(
-                "warm_up",
-                self.config.distributed.initialization_timeout_secs,
-                sorted({int(d.process_index) for d in self.devices}),
-            )
+                lowered.append(self.fused_fn.lower(self.state, batches, np.int32(slots)))
+            step = int(to_host(self.state.step))
+            verify = functools.partial(self.tiers.check_now, step, self.state, self.mesh)
+            step_common.compile_together(lowered, verify)
+            processes = sorted({int(d.process_index) for d in self.devices})
+            distributed.barrier("warm_up", timeout, processes)
         self._warm = True
         self.goodput.span("compile", time.perf_counter() - t0)
 
@@ -595,7 +596,3 @@ class Trainer:
             np.savez(os.path.join(self.workdir, "params.npz"), **flat_params(self.state.params))
         self.close()
         return result
-
-
-def _process_dir(workdir: str) -> str:
-    return os.path.join(workdir, f"process_{distributed.process_index()}")

@@ -135,11 +135,13 @@ _our_cache_dirs: set[str] = set()  # folders this module pointed JAX's cache at
 def compilation_cache(directory: str) -> str:
     """Points JAX's persistent compilation cache at `directory`, or keeps the folder the
     user set (JAX_COMPILATION_CACHE_DIR or jax.config); returns the folder in use.
-    Compilations over 0.2 s are kept, so a restarted process (or a re-formed mesh seen
-    before) loads its step instead of compiling it (measured: warm-up 1.6 s -> 0.5 s,
-    sgd_logreg). In a multi-process job each process uses a subfolder of its own: JAX
-    writes a cache file in place, not by rename, so a process could read another's
-    half-written executable.
+    Every compilation is kept, so a restarted process (or a re-formed mesh seen before)
+    loads its programs instead of compiling them (measured: warm-up 1.6 s -> 0.5 s,
+    sgd_logreg). Small ones too: a seed_logreg restart compiled its fingerprint, skip
+    step and final save's fingerprint again, each under the 0.2-s threshold kept before
+    (restart 2.35 -> 2.07 s, docs/architecture.md). In a multi-process job each process
+    uses a subfolder of its own: JAX writes a cache file in place, not by rename, so a
+    process could read another's half-written executable.
 
     Each run caches in its own workdir, also the second run of a process (a notebook,
     a benchmark): JAX opens its cache once, so a change of folder resets it. (Keeping
@@ -157,7 +159,7 @@ def compilation_cache(directory: str) -> str:
 
         _our_cache_dirs.add(root)
         jax.config.update("jax_compilation_cache_dir", root)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
         jax_cache.reset_cache()  # opened again, in `root`, at the next compilation
     return root
 

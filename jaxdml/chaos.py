@@ -22,6 +22,7 @@ import numpy as np
 
 from jaxdml import goodput
 from jaxdml.metrics import EventLog
+from jaxdml.standby import Standby, command_of
 
 DEFAULT_PLANS = (
     "device_loss@100:3",
@@ -90,23 +91,47 @@ def lost_work(events: list[dict]) -> tuple[int, float]:
 
 
 def run_plan(
-    command: list[str], workdir: str, plan: str, max_attempts: int = 6, timeout: float = 600
+    command: list[str],
+    workdir: str,
+    plan: str,
+    max_attempts: int = 6,
+    timeout: float = 600,
+    standby: bool = True,
 ) -> tuple[list[int], float]:
     """Runs `command` with the plan until it completes (or attempts run out).
 
     A preempted run exits 0 without result.json; like a scheduler, run it again.
+    `standby`: while an attempt runs, the next one waits started and imported
+    (jaxdml.standby), so a restart skips Python's start and the imports.
     """
-    codes = []
+    args = [*command, f"--workdir={workdir}", f"--config.faults={plan}"]
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    warm = standby and max_attempts > 1 and command_of(args) is not None
+    codes: list[int] = []
     t0 = time.perf_counter()
-    for _ in range(max_attempts):
-        args = [*command, f"--workdir={workdir}", f"--config.faults={plan}"]
-        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
-        codes.append(proc.returncode)
-        if proc.returncode == 0 and os.path.exists(os.path.join(workdir, "result.json")):
-            break
-        if proc.returncode == 2:  # bad input: a restart cannot help
-            sys.stderr.write(proc.stderr[-2000:])
-            break
+    waiting: Standby | None = None
+    try:
+        for attempt in range(max_attempts):
+            if waiting is not None and not waiting.alive():
+                waiting.cancel()  # it died waiting: start cold
+                waiting = None
+            proc = waiting.wake() if waiting else subprocess.Popen(args, **pipes)
+            waiting = Standby(args, **pipes) if warm and attempt + 1 < max_attempts else None
+            try:
+                _, err = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                raise
+            codes.append(proc.returncode)
+            if proc.returncode == 0 and os.path.exists(os.path.join(workdir, "result.json")):
+                break
+            if proc.returncode == 2:  # bad input: a restart cannot help
+                sys.stderr.write(err[-2000:])
+                break
+    finally:
+        if waiting is not None:
+            waiting.cancel()
     return codes, time.perf_counter() - t0
 
 

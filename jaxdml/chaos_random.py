@@ -37,6 +37,7 @@ import signal
 import subprocess
 import time
 
+from jaxdml import standby
 from jaxdml.chaos_report import FaultRecord, Summary, summarize, table  # noqa: F401
 from jaxdml.constants import ENV_PROCESS_ID, EXIT_BAD_INPUT
 
@@ -230,6 +231,8 @@ class Job:
                         for p in map(int, f.read().split()):
                             if p not in self.live or p not in self.ids:
                                 self.ids[p] = _process_id(p)  # None until it has exec'd
+                            if standby.is_waiting(p):
+                                continue  # the next start's spare: no training in it yet
                             if self.ids[p] is not None and _proc_alive(p):
                                 pids[p] = self.ids[p]
         now = time.time()

@@ -49,9 +49,21 @@ CATEGORIES = (
 )
 
 
+_woken_at: list[float] = []  # set by a warm standby (jaxdml.standby) when it is woken
+
+
+def life_began_at(t: float) -> None:
+    """This process's life began at `t`, not at its start: a warm standby, started and
+    imported ahead, was told to run then (jaxdml.standby); its wait is no one's time."""
+    _woken_at[:] = [t]
+
+
 def process_start_time() -> float:
     """This process's start as a wall-clock time, to about 10 ms (Linux: its start in
-    clock ticks since boot, against the boot-time clock; elsewhere: now)."""
+    clock ticks since boot, against the boot-time clock; elsewhere: now); a woken
+    standby's life begins when it was woken (`life_began_at`)."""
+    if _woken_at:
+        return _woken_at[0]
     try:
         with open("/proc/self/stat") as f:
             ticks = int(f.read().rsplit(")", 1)[1].split()[19])

@@ -22,6 +22,10 @@ prefixed with `[pI]`, and watches them:
   survivors are told to stop (SIGTERM: they agree on a step, save it in both tiers and
   exit 0) and every process starts again, resuming from the memory tier.
 
+While a group runs, the next start's processes wait started and imported (--standby,
+jaxdml.standby): a restart skips starting Python and importing jax, flax, optax and
+orbax (about 1 s a process here), and gets its coordinator settings when woken.
+
 Every restart is a JSON line in <workdir>/events.jsonl when the command names a
 --workdir. The launcher exits with the group's status (0 when all exited 0).
 
@@ -63,6 +67,7 @@ from jaxdml.constants import (
     EXIT_OK,
     NO_RESTART_EXIT_CODES,
 )
+from jaxdml.standby import Standby, command_of
 
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 2, "Processes to start.", lower_bound=1)
 _DEVICES = flags.DEFINE_integer(
@@ -108,6 +113,12 @@ _FAILURE_GRACE = flags.DEFINE_float(
     "When the group failed: the same wait for its survivors. Short, because they are "
     "usually blocked in a collective with the dead process and cannot act on SIGTERM.",
     lower_bound=0.0,
+)
+_STANDBY = flags.DEFINE_bool(
+    "standby",
+    True,
+    "While a group runs, keep the next start's processes started and imported, waiting "
+    "(jaxdml.standby: ~250 MB each); only for `python -m MODULE` or `python SCRIPT`.",
 )
 
 _PR_SET_PDEATHSIG = 1
@@ -213,10 +224,45 @@ def child_env(process_id: int, num_processes: int, devices: int, port: int, atte
     return env
 
 
+def _pipes() -> dict:
+    """How a child is started: its output to the launcher, its own session, and a
+    SIGKILL from the kernel when the launcher dies."""
+    launcher_pid = os.getpid()
+    return dict(
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=lambda: _die_with_parent(launcher_pid),
+    )
+
+
+def _popen(command: Sequence[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen(list(command), env=env, stdin=subprocess.DEVNULL, **_pipes())
+
+
+def _spares(command: Sequence[str], n: int, devices: int) -> list[Standby]:
+    """The next start's processes, waiting (none when the command cannot wait). Started
+    with the environment they will have but for the start's port and attempt, which
+    come when they are woken; variables read at interpreter start
+    (PYTHONUNBUFFERED) are already right."""
+    if not _STANDBY.value or command_of(command) is None:
+        return []
+    return [Standby(command, env=child_env(i, n, devices, 0, 0), **_pipes()) for i in range(n)]
+
+
 class Group:
     """N processes of one start: launched together, watched together, stopped together."""
 
-    def __init__(self, command: Sequence[str], num_processes: int, devices: int, attempt: int):
+    def __init__(
+        self,
+        command: Sequence[str],
+        num_processes: int,
+        devices: int,
+        attempt: int,
+        spares: Sequence[Standby] = (),
+    ):
+        """`spares`: processes waiting to run `command` (one per process), woken in
+        place of cold starts."""
         self.port = _PORT.value or free_port()
         self.children: list[Child] = []
         self.selector = selectors.DefaultSelector()
@@ -224,24 +270,17 @@ class Group:
         self.failed_at: float | None = None  # time.monotonic() when a failure was seen
         try:
             for i in range(num_processes):
-                self._start(command, i, num_processes, devices, attempt)
+                env = child_env(i, num_processes, devices, self.port, attempt)
+                spare = spares[i] if len(spares) == num_processes else None
+                if spare is not None and not spare.alive():
+                    spare.cancel()  # it died waiting: start cold
+                    spare = None
+                self._add(i, spare.wake(env) if spare else _popen(command, env))
         except BaseException:
             self.stop(grace=0.0)  # a failed start (no such program) leaves no process behind
             raise
 
-    def _start(
-        self, command: Sequence[str], i: int, num_processes: int, devices: int, attempt: int
-    ) -> None:
-        launcher_pid = os.getpid()
-        proc = subprocess.Popen(
-            list(command),
-            env=child_env(i, num_processes, devices, self.port, attempt),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=lambda: _die_with_parent(launcher_pid),
-        )
+    def _add(self, i: int, proc: subprocess.Popen) -> None:
         child = Child(i, proc)
         os.set_blocking(proc.stdout.fileno(), False)
         self.selector.register(proc.stdout, selectors.EVENT_READ, child)
@@ -414,14 +453,30 @@ def launch(command: Sequence[str]) -> int:
     n, devices = _NUM_PROCESSES.value, _DEVICES.value
     workdir = workdir_of(command)
     events = os.path.join(workdir, "events.jsonl") if workdir else None
+    spares: list[Standby] = []
+    try:
+        return _restart_loop(command, n, devices, events, spares)
+    finally:
+        for spare in spares:
+            spare.cancel()
+
+
+def _restart_loop(
+    command: Sequence[str], n: int, devices: int, events: str | None, spares: list[Standby]
+) -> int:
+    """launch()'s loop; `spares` holds the processes waiting for the next start."""
     restarts = 0
+    grow_back = _GROW_BACK.value if _HOT_RECOVERY.value else -1.0
     while True:
         started = time.monotonic()
+        waiting, spares[:] = list(spares), []
         try:
-            group = Group(command, n, devices, restarts)
+            group = Group(command, n, devices, restarts, waiting)
         except OSError as e:  # no such program, not executable: a restart cannot help
             print(f"error: cannot start {command[0]!r}: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT
+        if restarts < _MAX_RESTARTS.value or grow_back >= 0:
+            spares[:] = _spares(command, n, devices)
         logging.info(
             "[launch] start %d: %d processes, pids %s, port %d",
             restarts,
@@ -429,7 +484,6 @@ def launch(command: Sequence[str]) -> int:
             group.pids(),
             group.port,
         )
-        grow_back = _GROW_BACK.value if _HOT_RECOVERY.value else -1.0
         status, failed = run_group(group, _GRACE.value, _FAILURE_GRACE.value, grow_back, events)
         if status == GROW_BACK:
             if _stop_signal:

@@ -20,6 +20,7 @@ LAYERS = [
     ["jaxdml.__init__", "jaxdml.commands"],
     [
         "jaxdml.launch",
+        "jaxdml.standby",
         "jaxdml.chaos",
         "jaxdml.chaos_random",
         "jaxdml.chaos_report",

@@ -27,6 +27,9 @@ def main() -> int:
         f.write(str(os.getpid()))
     print(f"hello from process {process_id} of {os.environ['JAXDML_NUM_PROCESSES']}", flush=True)
     print(f"devices {os.environ.get('JAXDML_NUM_CPU_DEVICES')}", flush=True)
+    with open("/proc/self/cmdline", "rb") as f:  # a woken standby runs under jaxdml.standby
+        how = "warm" if b"jaxdml.standby" in f.read() else "cold"
+    print(f"attempt {attempt} {how}", flush=True)
     marker = os.path.join(workdir, "failed")
     fails = {"fail_once": not os.path.exists(marker), "always_fail": True, "bad_input": True}
     if fails.get(mode, False):

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from configs import sgd_logreg
-from jaxdml import goodput
+from jaxdml import goodput, standby
 from jaxdml.metrics import read_jsonl
 from jaxdml.training.state import flat_params
 from jaxdml.training.trainer import Trainer
@@ -189,9 +189,10 @@ def test_a_hung_process_becomes_an_exit_and_the_run_completes(tmp_path, referenc
 
 
 def _children(launcher_pid: int) -> list[int]:
-    """The launcher's running children (the training processes), by process id order."""
+    """The launcher's running children (the training processes, not the spares waiting
+    for the next start), by process id order."""
     with open(f"/proc/{launcher_pid}/task/{launcher_pid}/children") as f:
-        return [int(p) for p in f.read().split()]
+        return [int(p) for p in f.read().split() if not standby.is_waiting(int(p))]
 
 
 def _when_training(workdir, launcher_pid, min_rows=10, timeout=120.0) -> list[int]:

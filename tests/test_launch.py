@@ -83,6 +83,27 @@ def start(tmp_path):
         launcher.cleanup()
 
 
+def _standbys(launcher: Launcher) -> list[int]:
+    """Pids of the launcher's waiting processes (jaxdml.standby) still alive."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if b"jaxdml.standby" in cmdline and str(launcher.workdir).encode() in cmdline:
+            pids.append(int(pid))
+    return pids
+
+
+def test_without_standby_a_restart_starts_cold(start):
+    launcher = start("fail_once", "--num_processes=2", "--max_restarts=1", "--nostandby")
+    rc, out, err = launcher.wait()
+    assert rc == 0, err
+    assert "[p0] attempt 1 cold" in out and "[p1] attempt 1 cold" in out
+
+
 def _no_child_alive(launcher: Launcher) -> bool:
     return not any(process_alive(pid) for pid in launcher.child_pids().values())
 
@@ -99,6 +120,11 @@ def test_failing_group_is_cold_restarted_and_then_succeeds(start):
     assert "[p1] hello from process 1 of 2" in out
     assert "[p1] failing now" in out
     assert "[p0] devices 3" in out
+    # The restart ran in the processes that waited imported while the first start ran
+    # (jaxdml.standby), with that start's settings; none is left waiting.
+    assert "[p0] attempt 0 cold" in out and "[p1] attempt 0 cold" in out
+    assert "[p0] attempt 1 warm" in out and "[p1] attempt 1 warm" in out
+    assert out.count("[p0] devices 3") == 2 and not _standbys(launcher)
     (event,) = launcher.events()
     assert event["kind"] == "cold_restart" and event["attempt"] == 1
     assert event["process"] == 1 and event["exit_code"] == 1
@@ -142,9 +168,10 @@ def test_signal_to_launcher_stops_every_child_even_one_ignoring_sigterm(start, s
 
 
 def test_sigkill_of_launcher_leaves_no_child(start):
-    launcher = start("sleep", "--num_processes=3")
+    launcher = start("sleep", "--num_processes=3", "--max_restarts=1")
     assert wait_until(lambda: len(launcher.child_pids()) == 3, TIMEOUT)
-    pids = list(launcher.child_pids().values())
+    assert wait_until(lambda: len(_standbys(launcher)) == 3, TIMEOUT)  # the next start's
+    pids = list(launcher.child_pids().values()) + _standbys(launcher)
     assert all(process_alive(pid) for pid in pids)
     launcher.proc.kill()  # SIGKILL: no code of the launcher runs; PR_SET_PDEATHSIG does the work
     launcher.proc.communicate(timeout=TIMEOUT)

@@ -102,6 +102,42 @@ SMOKE = (
 
 
 @pytest.mark.slow
+def test_a_run_of_some_sections_keeps_the_others_of_the_results_file(tmp_path):
+    """`bench.py --only=goodput` replaces that section of results/ and keeps the rest,
+    each section naming the commit it was measured at."""
+    machine = dict(
+        date="D1",
+        commit="old",
+        cpus=2,
+        platform="P",
+        python="3",
+        jax="J",
+        backend="cpu",
+        load_average_at_start=(1.0, 1.0, 1.0),
+    )
+    first = [
+        common.Section(n, body=f"{n} table v1", data={"seconds": 1.0, "v": 1})
+        for n in common.SECTIONS
+    ]
+    (tmp_path / "benchmarks.md").write_text(common._report(first, machine, False, 6.0))
+    raw = {"quick": False, "sections": {s.name: {"failed": False, **s.data} for s in first}}
+    (tmp_path / "benchmarks.json").write_text(json.dumps(raw))
+
+    md, numbers = common.previous_sections(str(tmp_path), False, {"goodput"})
+    assert sorted(md) == sorted(set(common.SECTIONS) - {"goodput"})
+    assert numbers["models"]["v"] == 1 and "goodput" not in numbers
+    assert common.previous_sections(str(tmp_path), True, {"goodput"}) == ({}, {})  # --quick
+
+    again = [common.Section("goodput", body="goodput table v2", data={"seconds": 2.0})]
+    report = common._report(again, {**machine, "commit": "new"}, False, 2.0, md)
+    assert [line for line in report.splitlines() if line.startswith("## ")] == [
+        f"## {common.TITLES[n]}" for n in common.SECTIONS
+    ]
+    assert "goodput table v2" in report and "goodput table v1" not in report
+    assert "models table v1" in report and report.count("(commit old, D1)") == 5
+    assert "(commit new, D1)" in report and "Kept from an earlier run" in report
+
+
 def test_quick_benchmark_writes_every_section_and_valid_plots(tmp_path):
     out = tmp_path / "results"
     proc = subprocess.run(

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from jaxdml import chaos, standby
+from tests.conftest import wait_until
 
 SCRIPT = """
 import json, os, sys
@@ -68,12 +69,10 @@ def test_a_waiting_standby_is_told_apart_from_a_running_one(tmp_path):
     )
     waiting = standby.Standby([sys.executable, str(script), str(out)], delay=0.0, **_pipes())
     try:
-        assert standby.is_waiting(waiting.proc.pid)
+        # Until the fork has exec'd, /proc shows the parent's command line: not waiting.
+        assert wait_until(lambda: standby.is_waiting(waiting.proc.pid), 120)
         waiting.wake()
-        deadline = time.monotonic() + 120
-        while not out.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert out.exists() and not standby.is_waiting(waiting.proc.pid)
+        assert wait_until(out.exists, 120) and not standby.is_waiting(waiting.proc.pid)
     finally:
         waiting.proc.kill()
         waiting.cancel()

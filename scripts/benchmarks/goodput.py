@@ -245,12 +245,12 @@ def _goodput_body(s: Settings, rate, steps, plan, clean, faulty, goodput) -> str
 
 def _hidden_line(clean: dict, faulty: dict) -> str:
     """The host work between steps that the steps in flight hid (productive time)."""
-    kinds = sorted({*clean.get("hidden_seconds", {}), *faulty.get("hidden_seconds", {})})
+    without, with_ = clean.get("hidden_seconds", {}), faulty.get("hidden_seconds", {})
+    kinds = sorted({*without, *with_})
     if not kinds:
         return ""
     each = ", ".join(
-        f"{k} {clean.get('hidden_seconds', {}).get(k, 0.0):.1f} s without faults, "
-        f"{faulty.get('hidden_seconds', {}).get(k, 0.0):.1f} s with them"
+        f"{k} {without.get(k, 0.0):.1f} s without faults, {with_.get(k, 0.0):.1f} s with them"
         for k in kinds
     )
     return (

@@ -3,7 +3,8 @@
 Every process life appends its intervals to one log in the run folder (goodput.jsonl;
 process 0's is the job record, other processes keep theirs in their process folder):
 
-  {"kind": "life", "t": start of the process}           a new process life began
+  {"kind": "life", "t": start of the process}           a new process life began (a
+                                  warm standby's: when it was woken, jaxdml.standby)
   {"kind": "span", "category": C, "t": end, "seconds"}  time spent in category C
                                   ("hidden": true: host work between steps that the
                                   steps in flight hid, so not badput)

@@ -197,10 +197,14 @@ def test_a_hot_device_loss_counts_its_recovery_and_redone_steps(tmp_path):
     # it (the new mesh's compilation): each second is counted once.
     began = next(r["t"] for r in records if r["kind"] == "resume" and r["step"] == 45)
     window = (began - loss["detect_seconds"], began + loss["recover_seconds"])
-    inside = sum(
-        r["seconds"] for r in records
+    spans = [
+        r for r in records
         if r["kind"] == "span" and r["category"] != "recovery" and window[0] <= r["t"] <= window[1]
-    )  # fmt: skip
-    assert inside > 0.1  # the new mesh's step compiled
+    ]  # fmt: skip
+    assert "compile" in {r["category"] for r in spans}  # the new mesh's step compiled
+    # Its seconds (0.09-0.3 s: less when the session's compilation cache holds the
+    # 3-device step from an earlier test) exceed the tolerance below twice over.
+    inside = sum(r["seconds"] for r in spans)
+    assert inside > 0.04
     assert summary["seconds"]["recovery"] == pytest.approx(loss["seconds_lost"] - inside, abs=0.02)
     assert sum(summary["seconds"].values()) == pytest.approx(summary["job_wall_seconds"], rel=0.01)

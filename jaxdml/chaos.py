@@ -22,7 +22,7 @@ import numpy as np
 
 from jaxdml import goodput
 from jaxdml.metrics import EventLog
-from jaxdml.standby import Standby, command_of
+from jaxdml.standby import Standby, can_wait
 
 DEFAULT_PLANS = (
     "device_loss@100:3",
@@ -106,7 +106,7 @@ def run_plan(
     """
     args = [*command, f"--workdir={workdir}", f"--config.faults={plan}"]
     pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    warm = standby and max_attempts > 1 and command_of(args) is not None
+    warm = standby and max_attempts > 1 and can_wait(args)
     codes: list[int] = []
     t0 = time.perf_counter()
     waiting: Standby | None = None

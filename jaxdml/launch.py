@@ -67,7 +67,7 @@ from jaxdml.constants import (
     EXIT_OK,
     NO_RESTART_EXIT_CODES,
 )
-from jaxdml.standby import Standby, command_of
+from jaxdml.standby import Standby, can_wait
 
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 2, "Processes to start.", lower_bound=1)
 _DEVICES = flags.DEFINE_integer(
@@ -245,7 +245,7 @@ def _spares(command: Sequence[str], n: int, devices: int) -> list[Standby]:
     with the environment they will have but for the start's port and attempt, which
     come when they are woken; variables read at interpreter start
     (PYTHONUNBUFFERED) are already right."""
-    if not _STANDBY.value or command_of(command) is None:
+    if not _STANDBY.value or not can_wait(command):
         return []
     return [Standby(command, env=child_env(i, n, devices, 0, 0), **_pipes()) for i in range(n)]
 

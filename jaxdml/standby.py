@@ -18,7 +18,7 @@ line was sent: nothing waited for the imports before it.
   python -m jaxdml.standby --delay=5 -- -m experiments.train --config=...  (or a script)
 
 Only Python commands of the form `python -m module ...` or `python script.py ...` can
-wait this way (`command_of` says); any other command is started cold.
+wait this way (`can_wait` says); any other command is started cold.
 """
 
 from __future__ import annotations
@@ -46,16 +46,14 @@ PRELOAD = (
 DEFAULT_DELAY_SECS = 5.0
 
 
-def command_of(command: Sequence[str]) -> list[str] | None:
-    """The standby's command line for `command`, or None when it cannot wait for it: not
-    a Python interpreter, or interpreter options before the module or script."""
+def can_wait(command: Sequence[str]) -> bool:
+    """Whether a standby can run `command`: a Python interpreter with a module (`-m`) or
+    a script, and no interpreter options before them."""
     if len(command) < 2 or not os.path.basename(command[0]).startswith("python"):
-        return None
-    if command[1] == "-m" and len(command) > 2:
-        return list(command)
-    if command[1].startswith("-"):
-        return None
-    return list(command)
+        return False
+    if command[1] == "-m":
+        return len(command) > 2
+    return not command[1].startswith("-")
 
 
 def is_waiting(pid: int) -> bool:
@@ -77,7 +75,7 @@ class Standby:
     arguments for it (stdout, stderr, env, session), as for a cold start."""
 
     def __init__(self, command: Sequence[str], delay: float | None = None, **popen):
-        if command_of(command) is None:
+        if not can_wait(command):
             raise ValueError(f"a standby runs `python -m module` or `python script`: {command}")
         delay = DEFAULT_DELAY_SECS if delay is None else delay
         args = [command[0], "-m", "jaxdml.standby", f"--delay={delay}", "--", *command[1:]]

@@ -103,11 +103,12 @@ def test_a_module_command_runs_as_main(tmp_path):
 
 
 def test_only_plain_python_commands_can_wait():
-    assert standby.command_of(["python3", "-m", "experiments.train", "--x"])
-    assert standby.command_of([sys.executable, "train.py"])
-    assert standby.command_of(["python", "-c", "print(1)"]) is None
-    assert standby.command_of(["python", "-u", "-m", "x"]) is None
-    assert standby.command_of(["bash", "run.sh"]) is None
+    assert standby.can_wait(["python3", "-m", "experiments.train", "--x"])
+    assert standby.can_wait([sys.executable, "train.py"])
+    assert not standby.can_wait(["python", "-m"])
+    assert not standby.can_wait(["python", "-c", "print(1)"])
+    assert not standby.can_wait(["python", "-u", "-m", "x"])
+    assert not standby.can_wait(["bash", "run.sh"])
     with pytest.raises(ValueError, match="standby"):
         standby.Standby(["bash", "run.sh"])
 

@@ -14,6 +14,8 @@ BAD_VALUES = [
     ("train.mode", "fullbatch"),
     ("train.optimizer", "newton"),
     ("train.dispatch_depth", 0),
+    ("train.compiler_options", "xla_cpu_use_fusion_emitters"),
+    ("train.compiler_options", "=true"),
     ("model.name", "forest"),
     ("model.l2", -1.0),
     ("data.source", "web"),

@@ -245,6 +245,8 @@ def _slow(step_fn, iterations):
     only when they are done."""
     import jax.numpy as jnp
 
+    step_fn = step_fn.__wrapped__  # a jit with compiler options cannot be nested in another
+
     def slow(state, batch):
         state, metrics = step_fn(state, batch)
 
@@ -276,3 +278,38 @@ def test_host_work_counts_as_stall_only_when_the_devices_ran_dry(trainer):
     assert [r["step"] for r in rows.rows] == list(range(1, 7))
     assert sum(r["host_seconds"] for r in rows.rows) >= 0.1
     assert all(r["stall_seconds"] == 0.0 for r in rows.rows)
+
+
+def test_the_steps_compile_with_the_configured_xla_options(tmp_path):
+    from jaxdml.config import parse_compiler_options
+    from jaxdml.training import step_common
+
+    assert parse_compiler_options("a=true, b=3,c=1.5,d=x,") == {
+        "a": True,
+        "b": 3,
+        "c": 1.5,
+        "d": "x",
+    }
+    # auto: gradient steps on CPU without the fusion emitters; trees and other platforms as XLA's
+    assert step_common.compiler_options("auto", "cpu", boosted=False) == {
+        "xla_cpu_use_fusion_emitters": False
+    }
+    assert step_common.compiler_options("auto", "cpu", boosted=True) is None
+    assert step_common.compiler_options("auto", "gpu", boosted=False) is None
+    assert step_common.compiler_options("", "cpu", boosted=False) is None
+
+    def first_loss(options):
+        config = seed_logreg.get_config()
+        config.train.num_steps = 5
+        config.train.compiler_options = options
+        trainer = Trainer(config, str(tmp_path / f"run{len(options)}"), devices=jax.devices()[:4])
+        try:
+            return trainer.run_steps(5)["loss"]
+        finally:
+            trainer.close()
+
+    # The options reach XLA: one it does not know fails the step's compilation.
+    with pytest.raises(Exception, match="xla_cpu_no_such_option"):
+        first_loss("xla_cpu_no_such_option=true")
+    # Without the fusion emitters the step computes what XLA's defaults compute.
+    assert first_loss("auto") == pytest.approx(first_loss(""), rel=1e-5)

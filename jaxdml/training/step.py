@@ -105,8 +105,9 @@ def make_gradient_step(
     mesh: Mesh,
     advance: Advance,
     donate: bool = False,
+    compiler_options: dict | None = None,
 ) -> StepFn:
-    """The jitted step for gradient-trained models.
+    """The jitted step for gradient-trained models (`compiler_options`: XLA's, for jit).
 
     A non-finite loss or gradient skips the update: params, optimizer state and model
     state are kept, the batch is consumed (step and data position advance) and
@@ -146,4 +147,7 @@ def make_gradient_step(
         return new_state, metrics
 
     rep = replicated(mesh)
-    return jax.jit(step, out_shardings=(rep, rep), donate_argnums=(0,) if donate else ())
+    donated = (0,) if donate else ()
+    return jax.jit(
+        step, out_shardings=(rep, rep), donate_argnums=donated, compiler_options=compiler_options
+    )

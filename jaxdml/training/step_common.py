@@ -15,6 +15,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from jaxdml.config import parse_compiler_options
 from jaxdml.mesh import replicated
 from jaxdml.training.state import TrainState
 
@@ -70,7 +71,24 @@ def step_metrics(sums: dict, pos: dict, loss: jax.Array, ok: jax.Array, grad_nor
     )
 
 
-def make_skip_step(mesh: Mesh, advance: Advance) -> StepFn:
+# What "auto" sets, by platform, for gradient-trained models. Measured on XLA:CPU (jax
+# 0.10.2, 4 simulated devices, 2 cores): without the fusion emitters a full-batch L-BFGS
+# step (200k x 20) compiles in 0.47 s instead of 0.78 s (zoom line search: 0.7 instead of
+# 1.2 s) and logistic regression, SVM and MLP steps run at the same speed; a GBDT round
+# compiles 1.5 s -> 1.0 s but runs 1.6x slower, so trees keep XLA's defaults.
+AUTO_GRADIENT_OPTIONS = {"cpu": {"xla_cpu_use_fusion_emitters": False}}
+
+
+def compiler_options(setting: str, platform: str, boosted: bool) -> dict | None:
+    """The XLA options of the step programs for `config.train.compiler_options`:
+    'auto' (AUTO_GRADIENT_OPTIONS for gradient steps on `platform`, none for boosting
+    rounds), '' (none) or 'key=value,...'."""
+    if setting == "auto":
+        return None if boosted else AUTO_GRADIENT_OPTIONS.get(platform)
+    return parse_compiler_options(setting) or None
+
+
+def make_skip_step(mesh: Mesh, advance: Advance, compiler_options: dict | None = None) -> StepFn:
     """A step that consumes its batch and changes nothing else (a batch set aside
     after a rollback). Its metrics say set_aside=1."""
 
@@ -91,11 +109,16 @@ def make_skip_step(mesh: Mesh, advance: Advance) -> StepFn:
         return new_state, pack_metrics(metrics)
 
     rep = replicated(mesh)
-    return jax.jit(skip, out_shardings=(rep, rep))
+    return jax.jit(skip, out_shardings=(rep, rep), compiler_options=compiler_options)
 
 
 def make_fused_step(
-    step_fn: StepFn, mesh: Mesh, max_steps: int, full_batch: bool, donate: bool = False
+    step_fn: StepFn,
+    mesh: Mesh,
+    max_steps: int,
+    full_batch: bool,
+    donate: bool = False,
+    compiler_options: dict | None = None,
 ) -> FusedFn:
     """`k` <= `max_steps` steps of `step_fn` in one XLA call (`train.steps_per_call`).
 
@@ -107,6 +130,9 @@ def make_fused_step(
     metrics is step i's packed row; rows past `k` are NaN.
     """
     width = len(METRICS)
+    # The step's own function (jit's __wrapped__), traced into the loop: a jit nested in
+    # another may not carry compiler options.
+    step_fn = getattr(step_fn, "__wrapped__", step_fn)
 
     def fused(state: TrainState, batches: dict, k: jax.Array) -> tuple[TrainState, jax.Array]:
         def body(i, carry):
@@ -119,7 +145,10 @@ def make_fused_step(
         return jax.lax.fori_loop(0, k, body, (state, rows))
 
     rep = replicated(mesh)
-    return jax.jit(fused, out_shardings=(rep, rep), donate_argnums=(0,) if donate else ())
+    donated = (0,) if donate else ()
+    return jax.jit(
+        fused, out_shardings=(rep, rep), donate_argnums=donated, compiler_options=compiler_options
+    )
 
 
 def compile_together(programs: list, *beside: Callable[[], Any]) -> None:

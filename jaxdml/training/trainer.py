@@ -204,16 +204,18 @@ class Trainer:
     def set_devices(self, devices: Sequence[jax.Device]) -> None:
         """(Re)builds the mesh over `devices` and the step compiled for it."""
         self.mesh = mesh_lib.make_mesh(devices)
-        donate, advance = self.config.train.donate, self.batcher.advance
-        if is_boosted(self.model):
-            self.step_fn: StepFn = make_tree_step(self.model, self.mesh, advance, donate)
+        t, advance, boosted = self.config.train, self.batcher.advance, is_boosted(self.model)
+        options = step_common.compiler_options(t.compiler_options, devices[0].platform, boosted)
+        mesh, donate = self.mesh, t.donate
+        if boosted:
+            self.step_fn: StepFn = make_tree_step(self.model, mesh, advance, donate, options)
         else:
             self.step_fn = make_gradient_step(
-                self.model, self.optimizer, self.mesh, advance, donate
+                self.model, self.optimizer, mesh, advance, donate, options
             )
-        self.skip_fn: StepFn = make_skip_step(self.mesh, advance)
-        k, full = self.config.train.steps_per_call, self.batcher.full_batch
-        fused = make_fused_step(self.step_fn, self.mesh, k, full, donate) if k > 1 else None
+        self.skip_fn: StepFn = make_skip_step(mesh, advance, options)
+        k, full = t.steps_per_call, self.batcher.full_batch
+        fused = make_fused_step(self.step_fn, mesh, k, full, donate, options) if k > 1 else None
         self.fused_fn: FusedFn | None = fused
         self._warm = False
 

@@ -120,12 +120,19 @@ class TreeStep:
     round 0, whose margins are the base, never needs it).
     """
 
-    def __init__(self, model: Any, mesh: Mesh, advance: Advance, donate: bool = False):
+    def __init__(
+        self,
+        model: Any,
+        mesh: Mesh,
+        advance: Advance,
+        donate: bool = False,
+        compiler_options: dict | None = None,
+    ):
         self.model, self.mesh = model, mesh
         self._kept: _Kept | None = None
         self.reused = 0  # calls that continued from kept margins (for tests and benchmarks)
-        self._round = _jitted_round(model, mesh, advance, donate)
-        self._recompute = _jitted_margins(model, mesh)
+        self._round = _jitted_round(model, mesh, advance, donate, compiler_options)
+        self._recompute = _jitted_margins(model, mesh, compiler_options)
 
     def lower(self, state: TrainState, batch: dict) -> Any:
         """The round lowered for `state` and `batch` (the trainer's warm-up compiles it)."""
@@ -161,17 +168,24 @@ def _known_zero(step: Any) -> bool:
     return int(to_host(step)) == 0
 
 
-def make_tree_step(model: Any, mesh: Mesh, advance: Advance, donate: bool = False) -> StepFn:
-    """The boosting step: state.step is the round grown, batch['x'] the binned rows.
+def make_tree_step(
+    model: Any,
+    mesh: Mesh,
+    advance: Advance,
+    donate: bool = False,
+    compiler_options: dict | None = None,
+) -> StepFn:
+    """The boosting step: state.step is the round grown, batch['x'] the binned rows
+    (`compiler_options`: XLA's, for jit).
 
     The batch must hold the model's encoding of the rows (`model.encode`, uint8 bins).
     A non-finite loss or tree skips the round: the trees are kept, the step and the
     data position advance (that round's slot stays empty) and metrics['skipped'] is 1.
     """
-    return TreeStep(model, mesh, advance, donate)
+    return TreeStep(model, mesh, advance, donate, compiler_options)
 
 
-def _jitted_margins(model: Any, mesh: Mesh):
+def _jitted_margins(model: Any, mesh: Mesh, compiler_options: dict | None):
     """jit of (params, rounds, x) -> the rows' margins from the first `rounds` rounds."""
 
     def per_shard(params, rounds, xb):
@@ -183,10 +197,12 @@ def _jitted_margins(model: Any, mesh: Mesh):
     def recompute(params, rounds, x):
         return margins(params, rounds, _as_bins(x, model.num_bins)[0])
 
-    return jax.jit(recompute)
+    return jax.jit(recompute, compiler_options=compiler_options)
 
 
-def _jitted_round(model: Any, mesh: Mesh, advance: Advance, donate: bool):
+def _jitted_round(
+    model: Any, mesh: Mesh, advance: Advance, donate: bool, compiler_options: dict | None
+):
     """jit of (state, batch, margins before the round) -> (state, metrics, margins after)."""
     reduce = across_data(mesh)
 
@@ -221,7 +237,10 @@ def _jitted_round(model: Any, mesh: Mesh, advance: Advance, donate: bool):
 
     rep = replicated(mesh)
     donated = (0, 2) if donate else (2,)  # the kept margins are always handed over
-    return jax.jit(step, out_shardings=(rep, rep, data_sharded(mesh)), donate_argnums=donated)
+    out = (rep, rep, data_sharded(mesh))
+    return jax.jit(
+        step, out_shardings=out, donate_argnums=donated, compiler_options=compiler_options
+    )
 
 
 def _margins_after(round_index, base, margins, delta):

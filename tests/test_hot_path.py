@@ -281,7 +281,7 @@ def test_host_work_counts_as_stall_only_when_the_devices_ran_dry(trainer):
 
 
 def test_the_steps_compile_with_the_configured_xla_options(tmp_path):
-    from jaxdml.config import parse_compiler_options
+    from jaxdml.config import ConfigError, parse_compiler_options
     from jaxdml.training import step_common
 
     assert parse_compiler_options("a=true, b=3,c=1.5,d=x,") == {
@@ -308,8 +308,8 @@ def test_the_steps_compile_with_the_configured_xla_options(tmp_path):
         finally:
             trainer.close()
 
-    # The options reach XLA: one it does not know fails the step's compilation.
-    with pytest.raises(Exception, match="xla_cpu_no_such_option"):
+    # The options reach XLA: one it does not know is a config error naming it.
+    with pytest.raises(ConfigError, match="compiler_options.*xla_cpu_no_such_option"):
         first_loss("xla_cpu_no_such_option=true")
     # Without the fusion emitters the step computes what XLA's defaults compute.
     assert first_loss("auto") == pytest.approx(first_loss(""), rel=1e-5)

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from jaxdml.config import parse_compiler_options
+from jaxdml.config import ConfigError, parse_compiler_options
 from jaxdml.mesh import replicated
 from jaxdml.training.state import TrainState
 
@@ -85,7 +85,18 @@ def compiler_options(setting: str, platform: str, boosted: bool) -> dict | None:
     rounds), '' (none) or 'key=value,...'."""
     if setting == "auto":
         return None if boosted else AUTO_GRADIENT_OPTIONS.get(platform)
-    return parse_compiler_options(setting) or None
+    options = parse_compiler_options(setting) or None
+    if options:  # an option XLA does not know fails here, not at the step's compilation
+        try:
+            jax.jit(_nothing, compiler_options=options).lower().compile()
+        except Exception as e:  # noqa: BLE001 -- XLA's error says which option
+            msg = f"config.train.compiler_options: XLA refused {setting!r}: {e}"
+            raise ConfigError(msg) from e
+    return options
+
+
+def _nothing() -> int:
+    return 0
 
 
 def make_skip_step(mesh: Mesh, advance: Advance, compiler_options: dict | None = None) -> StepFn:

@@ -62,14 +62,15 @@ def _time_trainer(config, dataset, devices, workdir: str, warm: int) -> tuple[fl
 
 
 def bare_loop(
-    x, y, devices, learning_rate: float, steps: int, warm: int, steps_per_call: int = 1
+    x, y, devices, learning_rate: float, steps: int, warm: int, steps_per_call: int = 1, depth=2
 ) -> tuple[float, float]:
     """A hand-written data-parallel logistic-regression GD loop, nothing else.
 
     jax.shard_map computes each device's loss and gradient sums, a psum adds them,
-    optax applies SGD; at most 2 calls are in flight (docs/architecture.md: unbounded dispatch of
-    collectives deadlocks on CPU), each of `steps_per_call` steps (a `lax.fori_loop`). No
-    metrics, checkpoints, guards or hooks.
+    optax applies SGD; at most `depth` calls are in flight (the trainer's
+    `train.dispatch_depth`; docs/architecture.md: unbounded dispatch of collectives
+    deadlocks on CPU), each of `steps_per_call` steps (a `lax.fori_loop`). No metrics,
+    checkpoints, guards or hooks.
 
     Returns:
       (steps/s from the first call's end at or after step `warm` to the last, final loss).
@@ -116,7 +117,7 @@ def bare_loop(
     inflight: collections.deque = collections.deque()
     marks, done = {}, 0
     for _ in range(steps // k):
-        if len(inflight) >= 2:
+        if len(inflight) >= depth:
             inflight.popleft().block_until_ready()
             done += k
             marks.setdefault(done, time.perf_counter())
@@ -143,7 +144,7 @@ def _overhead_problem(ctx: Context, name: str, rows: int, steps: int) -> dict:
         kinds += ["checkpoint_only_fused", "fingerprints_only_fused"]
     configs = {v: _overhead_config(rows, steps, v, k) for v in kinds if not v.startswith("bare")}
     ds = load_dataset(configs["plain"].data)
-    lr = configs["plain"].train.learning_rate
+    lr, depth = configs["plain"].train.learning_rate, configs["plain"].train.dispatch_depth
     warm = max(110, steps // 10)  # past compiling the step, the first save and the first check
     rates, losses = collections.defaultdict(list), {}
     for r in _progress(range(ctx.settings.overhead_repeats), f"overhead {name}"):
@@ -151,7 +152,7 @@ def _overhead_problem(ctx: Context, name: str, rows: int, steps: int) -> dict:
             if kind.startswith("bare"):
                 per_call = k if kind == "bare_fused" else 1
                 rate, losses[kind] = bare_loop(
-                    ds.x_train, ds.y_train, devices, lr, steps, warm, per_call
+                    ds.x_train, ds.y_train, devices, lr, steps, warm, per_call, depth
                 )
             else:
                 workdir = os.path.join(ctx.work, "overhead", f"{name}-{kind}-{r}".replace(" ", ""))
@@ -219,8 +220,9 @@ def run(ctx: Context) -> Section:
     against_one = ", ".join(
         f"{r['problem']} {r['fused_protected_over_one_step_bare']:.2f}" for r in results
     )
+    depth = config_module("seed_logreg").get_config().train.dispatch_depth
     body = OVERHEAD_TEXT.format(
-        repeats=ctx.settings.overhead_repeats, k=ctx.settings.overhead_steps_per_call
+        repeats=ctx.settings.overhead_repeats, k=ctx.settings.overhead_steps_per_call, depth=depth
     )
     body += _table(header, rows)
     body += f"\n\nFinal losses (the same model and data in every loop): {losses}."
@@ -238,7 +240,8 @@ OVERHEAD_TEXT = (
     "check are excluded) to the last step, median per variant; ratios are medians of "
     "the per-repeat ratios.\n\n"
     "- **bare**: a hand-written jitted `jax.shard_map` + `psum` + optax loop, dispatch "
-    "depth 2, nothing else (`bare_loop` in scripts/benchmarks/overhead.py); at {k} steps "
+    "depth {depth} (the trainer's), nothing else (`bare_loop` in "
+    "scripts/benchmarks/overhead.py); at {k} steps "
     "per call its jitted function runs a `lax.fori_loop` of {k} steps.\n"
     "- **plain**: `jaxdml.Trainer.fit()` without the supervisor: batcher, NaN guard (always "
     "on in the step), the step's metrics (batch accuracy from the loss's forward pass, "

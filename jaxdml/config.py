@@ -106,10 +106,10 @@ def default_config() -> ml_collections.ConfigDict:
     # a restarted process loads its step instead of compiling it again
     c.train.compilation_cache = True
     # XLA options for the step programs (jax.jit's compiler_options): "auto" is jaxdml's
-    # measured choice per platform and model (today: on CPU a gradient step compiles
-    # without XLA's fusion emitters, 1.6x faster at the same step speed; trees keep them),
-    # "" is XLA's defaults, "key=value,..." sets those options (e.g.
-    # "xla_cpu_use_fusion_emitters=false")
+    # measured choice per platform and step (today: on CPU the L-BFGS step, a large
+    # program run for few steps, compiles without XLA's fusion emitters, ~1.7x faster;
+    # other steps run faster with them), "" is XLA's defaults, "key=value,..." sets those
+    # options (e.g. "xla_cpu_use_fusion_emitters=false")
     c.train.compiler_options = "auto"
     c.train.donate = False  # donate the state buffers (False keeps the input alive for recovery)
     c.train.tensorboard = False  # also write TensorBoard events (needs the tensorboard extra)

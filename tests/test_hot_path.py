@@ -290,13 +290,12 @@ def test_the_steps_compile_with_the_configured_xla_options(tmp_path):
         "c": 1.5,
         "d": "x",
     }
-    # auto: gradient steps on CPU without the fusion emitters; trees and other platforms as XLA's
-    assert step_common.compiler_options("auto", "cpu", boosted=False) == {
-        "xla_cpu_use_fusion_emitters": False
-    }
-    assert step_common.compiler_options("auto", "cpu", boosted=True) is None
-    assert step_common.compiler_options("auto", "gpu", boosted=False) is None
-    assert step_common.compiler_options("", "cpu", boosted=False) is None
+    # auto: a compile-bound step (L-BFGS) on CPU without the fusion emitters; others as XLA's
+    off = {"xla_cpu_use_fusion_emitters": False}
+    assert step_common.compiler_options("auto", "cpu", compile_bound=True) == off
+    assert step_common.compiler_options("auto", "cpu", compile_bound=False) is None
+    assert step_common.compiler_options("auto", "gpu", compile_bound=True) is None
+    assert step_common.compiler_options("", "cpu", compile_bound=True) is None
 
     def first_loss(options):
         config = seed_logreg.get_config()
@@ -312,4 +311,5 @@ def test_the_steps_compile_with_the_configured_xla_options(tmp_path):
     with pytest.raises(ConfigError, match="compiler_options.*xla_cpu_no_such_option"):
         first_loss("xla_cpu_no_such_option=true")
     # Without the fusion emitters the step computes what XLA's defaults compute.
-    assert first_loss("auto") == pytest.approx(first_loss(""), rel=1e-5)
+    off = "xla_cpu_use_fusion_emitters=false"
+    assert first_loss(off) == pytest.approx(first_loss(""), rel=1e-5)

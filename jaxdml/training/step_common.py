@@ -71,20 +71,21 @@ def step_metrics(sums: dict, pos: dict, loss: jax.Array, ok: jax.Array, grad_nor
     )
 
 
-# What "auto" sets, by platform, for gradient-trained models. Measured on XLA:CPU (jax
-# 0.10.2, 4 simulated devices, 2 cores): without the fusion emitters a full-batch L-BFGS
-# step (200k x 20) compiles in 0.47 s instead of 0.78 s (zoom line search: 0.7 instead of
-# 1.2 s) and logistic regression, SVM and MLP steps run at the same speed; a GBDT round
-# compiles 1.5 s -> 1.0 s but runs 1.6x slower, so trees keep XLA's defaults.
-AUTO_GRADIENT_OPTIONS = {"cpu": {"xla_cpu_use_fusion_emitters": False}}
+# What "auto" sets, by platform, for a step whose compilation outweighs its run: the
+# full-batch L-BFGS step (its line search makes the program ~3x a GD step's; a fit runs
+# tens of steps). Measured on XLA:CPU (jax 0.10.2, 4 simulated devices, 2 cores): without
+# the fusion emitters that step at 200k x 20 compiles in ~0.7 s instead of ~1.2 s. Other
+# steps keep XLA's defaults: without the emitters a 200k x 20 GD step ran 15-20% slower
+# (394-414 vs 456-524 steps/s) and a GBDT round 1.6x slower (its scatter became a loop).
+AUTO_COMPILE_BOUND_OPTIONS = {"cpu": {"xla_cpu_use_fusion_emitters": False}}
 
 
-def compiler_options(setting: str, platform: str, boosted: bool) -> dict | None:
+def compiler_options(setting: str, platform: str, compile_bound: bool) -> dict | None:
     """The XLA options of the step programs for `config.train.compiler_options`:
-    'auto' (AUTO_GRADIENT_OPTIONS for gradient steps on `platform`, none for boosting
-    rounds), '' (none) or 'key=value,...'."""
+    'auto' (AUTO_COMPILE_BOUND_OPTIONS on `platform` for a `compile_bound` step, else
+    none), '' (none) or 'key=value,...'."""
     if setting == "auto":
-        return None if boosted else AUTO_GRADIENT_OPTIONS.get(platform)
+        return AUTO_COMPILE_BOUND_OPTIONS.get(platform) if compile_bound else None
     options = parse_compiler_options(setting) or None
     if options:  # an option XLA does not know fails here, not at the step's compilation
         try:

@@ -203,10 +203,10 @@ class Trainer:
 
     def set_devices(self, devices: Sequence[jax.Device]) -> None:
         """(Re)builds the mesh over `devices` and the step compiled for it."""
-        self.mesh = mesh_lib.make_mesh(devices)
+        mesh = self.mesh = mesh_lib.make_mesh(devices)
         t, advance, boosted = self.config.train, self.batcher.advance, is_boosted(self.model)
-        options = step_common.compiler_options(t.compiler_options, devices[0].platform, boosted)
-        mesh, donate = self.mesh, t.donate
+        few, donate = not boosted and t.optimizer == "lbfgs", t.donate  # L-BFGS: few big steps
+        options = step_common.compiler_options(t.compiler_options, devices[0].platform, few)
         if boosted:
             self.step_fn: StepFn = make_tree_step(self.model, mesh, advance, donate, options)
         else:

@@ -6,6 +6,7 @@ import this one; it imports neither.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -88,12 +89,19 @@ def compiler_options(setting: str, platform: str, compile_bound: bool) -> dict |
         return AUTO_COMPILE_BOUND_OPTIONS.get(platform) if compile_bound else None
     options = parse_compiler_options(setting) or None
     if options:  # an option XLA does not know fails here, not at the step's compilation
-        try:
-            jax.jit(_nothing, compiler_options=options).lower().compile()
-        except Exception as e:  # noqa: BLE001 -- XLA's error says which option
-            msg = f"config.train.compiler_options: XLA refused {setting!r}: {e}"
-            raise ConfigError(msg) from e
+        _check_with_xla(setting)
     return options
+
+
+@functools.cache
+def _check_with_xla(setting: str) -> None:
+    """Compiles a trivial program with the options, once per process (a mesh rebuilt in
+    a recovery does not pay it again)."""
+    try:
+        jax.jit(_nothing, compiler_options=parse_compiler_options(setting)).lower().compile()
+    except Exception as e:  # noqa: BLE001 -- XLA's error says which option
+        msg = f"config.train.compiler_options: XLA refused {setting!r}: {e}"
+        raise ConfigError(msg) from e
 
 
 def _nothing() -> int:

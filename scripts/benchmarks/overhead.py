@@ -62,7 +62,14 @@ def _time_trainer(config, dataset, devices, workdir: str, warm: int) -> tuple[fl
 
 
 def bare_loop(
-    x, y, devices, learning_rate: float, steps: int, warm: int, steps_per_call: int = 1, depth=2
+    x,
+    y,
+    devices,
+    learning_rate: float,
+    steps: int,
+    warm: int,
+    steps_per_call: int = 1,
+    depth: int = 2,
 ) -> tuple[float, float]:
     """A hand-written data-parallel logistic-regression GD loop, nothing else.
 
@@ -171,6 +178,7 @@ def _overhead_problem(ctx: Context, name: str, rows: int, steps: int) -> dict:
         "rates": dict(rates),
         "median_rate": {k: _median(v) for k, v in rates.items()},
         "steps_per_call": k,
+        "dispatch_depth": depth,
         "protected_over_bare": ratio("protected", "bare"),
         "plain_over_bare": ratio("plain", "bare"),
         "fused_protected_over_bare": ratio("protected_fused", "bare_fused"),
@@ -220,9 +228,10 @@ def run(ctx: Context) -> Section:
     against_one = ", ".join(
         f"{r['problem']} {r['fused_protected_over_one_step_bare']:.2f}" for r in results
     )
-    depth = config_module("seed_logreg").get_config().train.dispatch_depth
     body = OVERHEAD_TEXT.format(
-        repeats=ctx.settings.overhead_repeats, k=ctx.settings.overhead_steps_per_call, depth=depth
+        repeats=ctx.settings.overhead_repeats,
+        k=ctx.settings.overhead_steps_per_call,
+        depth=results[0]["dispatch_depth"],
     )
     body += _table(header, rows)
     body += f"\n\nFinal losses (the same model and data in every loop): {losses}."

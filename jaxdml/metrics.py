@@ -23,6 +23,17 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+# Numpy values are converted only where json meets one (its `default`): the loop's rows
+# hold Python numbers, and a conversion of every value cost a third of a row's encoding.
+# One encoder for the process: json.dumps(..., default=) builds a new one per call.
+_ENCODER = json.JSONEncoder(default=_jsonable)
+
+
+def encode_rows(rows: list[dict]) -> str:
+    """The rows as JSON lines (a metrics row: ~8 us, most of it the floats' repr)."""
+    return "".join(_ENCODER.encode(row) + "\n" for row in rows)
+
+
 def read_jsonl(path: str) -> list[dict]:
     """The JSON objects of a .jsonl file, one per line (a torn last line is dropped with
     a warning: a killed writer can leave one). No file: no rows."""
@@ -80,8 +91,7 @@ class JsonlWriter:
 
     def write_rows(self, rows: list[dict]) -> None:
         """Appends the rows with one write and one flush."""
-        lines = [json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n" for row in rows]
-        self._f.write("".join(lines))
+        self._f.write(encode_rows(rows))
         self._f.flush()
 
     def close(self) -> None:
@@ -94,8 +104,12 @@ class JsonlWriter:
 class MetricsWriter(JsonlWriter):
     """metrics.jsonl (one row per step) plus TensorBoard scalars when asked for.
 
-    The rows are written by a thread of their own (`write_rows` only queues them): the
-    JSON encoding, the file and TensorBoard stay off the training loop's path.
+    The rows are written by a thread of their own (`write_rows` encodes them and queues
+    the text): the file and TensorBoard stay off the training loop's path. The JSON
+    encoding does not: a Python thread holds the GIL while it encodes, and the loop,
+    which lets go of the GIL in every step's dispatch and wait, then waits for it to
+    come back (measured on a no-op step: 24-30 us per step with the thread encoding,
+    14 us encoding in the loop's thread).
     `durable_step` is the newest step whose row is on disk; `accept(step)` says that
     every hook took the rows through `step` without raising (the anomaly guard raises
     on rows it rejects). A checkpoint is sealed only once its step is `through` both
@@ -163,10 +177,14 @@ class MetricsWriter(JsonlWriter):
             self._tb = self._writer_class(self._tb_dir, purge_step=step + 1, filename_suffix=suffix)
 
     def write_rows(self, rows: list[dict]) -> None:
-        """Queues copies of the rows for the writer thread (a later hook may still change
-        its own; a failed write is raised here, next)."""
+        """Queues the rows' JSON lines for the writer thread, with copies of the rows for
+        TensorBoard (a later hook may still change its own); a failed write is raised
+        here, next."""
         self._raise_failure()
-        self._queue.put([dict(row) for row in rows])
+        if not rows:
+            return
+        tb_rows = [dict(row) for row in rows] if self._tb is not None else []
+        self._queue.put((encode_rows(rows), tb_rows, rows[-1].get("step")))
 
     @property
     def through(self) -> int:
@@ -188,9 +206,9 @@ class MetricsWriter(JsonlWriter):
         return super().rows()
 
     def _writer(self) -> None:
-        while (rows := self._queue.get()) is not None:
+        while (queued := self._queue.get()) is not None:
             try:
-                self._write_now(rows)
+                self._write_now(queued)
             except Exception as e:  # noqa: BLE001 -- raised in the loop's thread
                 self._error = self._error or e
             finally:
@@ -202,16 +220,18 @@ class MetricsWriter(JsonlWriter):
             error, self._error = self._error, None
             raise error
 
-    def _write_now(self, rows: list[dict]) -> None:
-        super().write_rows(rows)
+    def _write_now(self, queued: tuple[str, list[dict], int | None]) -> None:
+        text, tb_rows, last_step = queued
+        self._f.write(text)
+        self._f.flush()
         if self._tb is not None:
-            for row in rows:
+            for row in tb_rows:
                 step = int(row["step"])
                 for k, v in row.items():
                     if k not in ("step", "time") and isinstance(v, int | float | np.number):
                         self._tb.add_scalar(k, float(v), step)
-        if rows and "step" in rows[-1]:
-            self.durable_step = int(rows[-1]["step"])
+        if last_step is not None:
+            self.durable_step = int(last_step)
 
     def close(self) -> None:
         try:

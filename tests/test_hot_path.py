@@ -136,18 +136,20 @@ def test_each_run_caches_compilations_in_its_own_workdir(tmp_path, recwarn):
 
 
 def test_metrics_rows_are_written_by_their_own_thread_and_drained_on_read(tmp_path, monkeypatch):
+    """The loop's thread encodes the rows (encoding in another Python thread made the loop
+    wait for the GIL); the file is written by the writer's thread."""
     import threading
 
-    from jaxdml.metrics import JsonlWriter, MetricsWriter
+    from jaxdml.metrics import MetricsWriter
 
     writers = []
-    real = JsonlWriter.write_rows
+    real = MetricsWriter._write_now
 
-    def write_rows(self, rows):
+    def write_now(self, queued):
         writers.append(threading.current_thread().name)
-        return real(self, rows)
+        return real(self, queued)
 
-    monkeypatch.setattr(JsonlWriter, "write_rows", write_rows)
+    monkeypatch.setattr(MetricsWriter, "_write_now", write_now)
     metrics = MetricsWriter(str(tmp_path))
     metrics.write_rows([{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.4}])
     metrics.write_rows([{"step": 3, "loss": 0.3}])

@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 from jaxdml.batcher import GlobalBatcher
 from jaxdml.training.hooks import Hook, StepInfo
 from jaxdml.training.state import TrainState, fetch
-from jaxdml.training.step_common import FusedFn, StepFn, unpack_metrics
+from jaxdml.training.step_common import FusedFn, StepFn, unpack_rows
 
 # transaction(end_step) -> a context manager around one span: the span's steps are
 # dispatched and finished inside it, and it either completes on every process or raises
@@ -82,6 +82,10 @@ class Loop:
         self.step_fn, self.skip_fn, self.skip_steps = step_fn, skip_fn, skip_steps
         self.batcher, self.mesh, self.num_steps = batcher, mesh, num_steps
         self.hooks = list(hooks)
+        # The hooks that act at each step (a call per hook per step is host time the
+        # devices wait for on a small step: only those that override the method).
+        self._before = [h for h in self.hooks if _overrides(h, "before_step")]
+        self._after = [h for h in self.hooks if _overrides(h, "after_step")]
         self.transaction, self.span = transaction, max(1, span)
         self.fused_fn = fused_fn
         self.accepted = accepted
@@ -201,7 +205,7 @@ class Loop:
             self._newest = metrics
             return state, after, metrics, k
         batch, after = self.batcher.next(pos, self.mesh)
-        for hook in self.hooks:
+        for hook in self._before:
             state, batch = hook.before_step(step, state, batch)
         fn = self.step_fn
         if step + 1 in self.skip_steps and self.skip_fn is not None:
@@ -238,7 +242,7 @@ class Loop:
         """
         t0 = self.clock()
         info = StepInfo(step, state, lambda: self._expedite_through(step))
-        stop = any([hook.after_step(info) for hook in self.hooks])
+        stop = any([hook.after_step(info) for hook in self._after])
         spent = self.clock() - t0
         self._host += spent
         if _finished(self._newest):
@@ -250,7 +254,7 @@ class Loop:
     ) -> None:
         """Waits for a step, or a call of `k` steps ending at `step` (nothing is read
         back), and queues its metrics."""
-        jax.block_until_ready(metrics)
+        metrics.block_until_ready()  # one array: the step's metrics row(s)
         now = self.clock()
         row = (step, metrics, now - self._last_finish, self._host, self._stall, self.wall(), k)
         self._finished.append(row)
@@ -278,12 +282,15 @@ class Loop:
         if finished[-1][0] >= self._expedite:
             self._expedite = 0
         values = fetch([item[1] for item in finished])
+        # One conversion for all the rows: a fused call's first k rows are its steps'.
+        calls = zip(finished, values, strict=True)
+        table = np.concatenate([np.reshape(v, (-1, v.shape[-1]))[:k] for (*_, k), v in calls])
+        metrics = iter(unpack_rows(table))
         rows = []
-        for (step, _, secs, hook, stall, t, k), host in zip(finished, values, strict=True):
+        for step, _, secs, hook, stall, t, k in finished:
             # A fused call's k rows share its time evenly; `time` is each one's finish.
-            each = [host] if k == 1 else host[:k]
-            for i, one in enumerate(each):
-                row = {"step": step - k + 1 + i, **unpack_metrics(one), "seconds": secs / k,
+            for i in range(k):
+                row = {"step": step - k + 1 + i, **next(metrics), "seconds": secs / k,
                        "host_seconds": hook / k, "stall_seconds": stall / k,
                        "time": t - (k - 1 - i) * secs / k}  # fmt: skip
                 rows.append(row)
@@ -301,6 +308,13 @@ class Loop:
             self.accepted(rows[-1]["step"])
 
 
-def _finished(metrics: Any) -> bool:
+def _finished(metrics: jax.Array | None) -> bool:
     """Whether a dispatched call has finished (True when there is none), without waiting."""
-    return all(x.is_ready() for x in jax.tree.leaves(metrics) if isinstance(x, jax.Array))
+    return metrics is None or metrics.is_ready()
+
+
+def _overrides(hook: Any, method: str) -> bool:
+    """Whether `hook` has its own `method` (a duck-typed hook: whether it has one)."""
+    if not isinstance(hook, Hook):
+        return hasattr(hook, method)
+    return getattr(type(hook), method) is not getattr(Hook, method)

@@ -84,12 +84,18 @@ def to_host(tree: Any, device_index: int = 0) -> Any:
 
 
 def fetch(tree: Any) -> Any:
-    """Host numpy copies of a pytree of replicated arrays in one batched transfer: every
-    leaf's local replica is read at once (`jax.device_get` of single-device arrays), which
-    also works when the arrays span several processes. The loop's bulk metrics fetch."""
+    """Host numpy copies of a pytree of replicated arrays, each leaf read from its local
+    replica (which also works when the arrays span several processes). On an accelerator
+    every copy starts before the first is waited for (one batched transfer); CPU arrays
+    are host memory already, read directly (`jax.device_get` cost the loop's bulk metrics
+    fetch ~7 us per array on CPU, a direct read ~1.3 us). The loop's bulk metrics fetch."""
     leaves, treedef = jax.tree.flatten(tree)
     local = [x.addressable_data(0) if isinstance(x, jax.Array) else x for x in leaves]
-    return jax.tree.unflatten(treedef, [np.asarray(v) for v in jax.device_get(local)])
+    arrays = [x for x in local if isinstance(x, jax.Array)]
+    if arrays and next(iter(arrays[0].devices())).platform != "cpu":
+        for x in arrays:
+            x.copy_to_host_async()
+    return jax.tree.unflatten(treedef, [np.asarray(x) for x in local])
 
 
 def from_replica(tree: Any, mesh: Mesh, source: jax.Device | None = None) -> Any:

@@ -50,8 +50,18 @@ def pack_metrics(metrics: dict) -> jax.Array:
 
 def unpack_metrics(values: Any) -> dict:
     """{name: value} of a fetched metrics vector (counts as ints)."""
-    values = np.asarray(values)
-    return {k: int(v) if k in _COUNTS else float(v) for k, v in zip(METRICS, values, strict=True)}
+    return unpack_rows(values)[0]
+
+
+def unpack_rows(values: Any) -> list[dict]:
+    """[{name: value}] of fetched metrics rows ([METRICS] or [n, METRICS]; counts as ints),
+    converted to Python numbers in one call (the loop reads 25 rows per fetch)."""
+    table = np.asarray(values, np.float64).reshape(-1, len(METRICS)).tolist()
+    rows = [dict(zip(METRICS, row, strict=True)) for row in table]
+    for row in rows:
+        for k in _COUNTS:
+            row[k] = int(row[k])
+    return rows
 
 
 def step_metrics(sums: dict, pos: dict, loss: jax.Array, ok: jax.Array, grad_norm, param_norm):

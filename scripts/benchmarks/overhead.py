@@ -149,8 +149,8 @@ def _overhead_problem(ctx: Context, name: str, rows: int, steps: int) -> dict:
 
     devices = jax.devices()[:4]
     k = ctx.settings.overhead_steps_per_call
-    kinds = ["bare", "plain", "protected", "bare_fused", "plain_fused", "protected_fused"]
-    kinds += ["protected_memory_fused"]
+    kinds = ["bare", "plain", "protected", "protected_memory", "bare_fused", "plain_fused"]
+    kinds += ["protected_fused", "protected_memory_fused"]
     if ctx.settings.overhead_breakdown:
         kinds += ["checkpoint_only_fused", "fingerprints_only_fused"]
     configs = {v: _overhead_config(rows, steps, v, k) for v in kinds if not v.startswith("bare")}
@@ -188,6 +188,7 @@ def _overhead_problem(ctx: Context, name: str, rows: int, steps: int) -> dict:
         "fused_protected_over_bare": ratio("protected_fused", "bare_fused"),
         "fused_plain_over_bare": ratio("plain_fused", "bare_fused"),
         "fused_protected_over_one_step_bare": ratio("protected_fused", "bare"),
+        "protected_memory_over_bare": ratio("protected_memory", "bare"),
         "fused_protected_memory_over_bare": ratio("protected_memory_fused", "bare_fused"),
         "over_plain": {
             v: ratio(v, "plain_fused" if v.endswith("_fused") else "plain")
@@ -213,12 +214,14 @@ def run(ctx: Context) -> Section:
         for fused in ("", "_fused"):
             plain_bare = r["fused_plain_over_bare" if fused else "plain_over_bare"]
             prot_bare = r["fused_protected_over_bare" if fused else "protected_over_bare"]
+            memory_bare = r[
+                "fused_protected_memory_over_bare" if fused else "protected_memory_over_bare"
+            ]
             row = [r["problem"], r["steps_per_call"] if fused else 1, r["steps"],
                    f"{m['bare' + fused]:.0f}", f"{m['plain' + fused]:.0f}",
                    f"{m['protected' + fused]:.0f}", f"{plain_bare:.2f}",
                    f"**{prot_bare:.2f}**", f"{over['protected' + fused]:.2f}",
-                   f"**{r['fused_protected_memory_over_bare']:.2f}**"
-                   if fused else "-"]  # fmt: skip
+                   f"**{memory_bare:.2f}**"]  # fmt: skip
             if split:
                 row += [f"{over[k + fused]:.2f}" if k + fused in over else "-"
                         for k in ("checkpoint_only", "fingerprints_only")]  # fmt: skip
@@ -268,7 +271,7 @@ OVERHEAD_TEXT = (
     "steps in the memory tier (`checkpoint.local_every_steps=100`: each process's own copy "
     "in /dev/shm, written by a thread that also waits for the step) and the persistent "
     "Orbax checkpoint by time (`checkpoint.every_secs`, 300 s by default; none falls inside "
-    "the timed steps), at {k} steps per call. An Orbax save blocks the loop about 12 ms "
+    "the timed steps). An Orbax save blocks the loop about 12 ms "
     "even for a tiny state, and a save issued while the previous one is still committing "
     "waits for it (about 55 ms in all), so a persistent save every 100 steps of a 0.3 ms "
     "step cannot be nearly free; the two tiers are how a run checkpoints often.\n"

@@ -48,11 +48,6 @@ def pack_metrics(metrics: dict) -> jax.Array:
     return jnp.stack([jnp.asarray(metrics[k], jnp.float32) for k in METRICS])
 
 
-def unpack_metrics(values: Any) -> dict:
-    """{name: value} of a fetched metrics vector (counts as ints)."""
-    return unpack_rows(values)[0]
-
-
 def unpack_rows(values: Any) -> list[dict]:
     """[{name: value}] of fetched metrics rows ([METRICS] or [n, METRICS]; counts as ints),
     converted to Python numbers in one call (the loop reads 25 rows per fetch)."""
@@ -65,7 +60,7 @@ def unpack_rows(values: Any) -> list[dict]:
 
 
 def step_metrics(sums: dict, pos: dict, loss: jax.Array, ok: jax.Array, grad_norm, param_norm):
-    """The per-step metrics row every step function returns, packed (`unpack_metrics`
+    """The per-step metrics row every step function returns, packed (`unpack_rows`
     reads it); `pos` is the data position after the step (its epoch is the step's,
     unless the step ended one)."""
     return pack_metrics(

@@ -198,3 +198,15 @@ def test_multiprocess_bench_psum_worker_runs_on_both_layouts(launched):
     (line,) = [x for x in proc.stdout.splitlines() if "psum_seconds" in x]
     seconds = json.loads(line[line.index("{") :])["psum_seconds"]
     assert math.isfinite(seconds) and seconds > 0
+
+
+def test_loop_bench_times_the_loop_alone_and_with_the_trainers_hooks():
+    """scripts/bench_loop.py runs the real Loop (and the plain trainer's hooks) around a
+    no-op step and reports each variant (the timings are the script's to report)."""
+    cmd = [sys.executable, "scripts/bench_loop.py", "--steps=300", "--repeats=1"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[2] for line in proc.stdout.splitlines()
+            if line.startswith("| ") and "us per step" not in line}  # fmt: skip
+    assert set(rows) == {"bare Python loop", "Loop, no hooks", "Loop, plain Trainer.fit() hooks"}
+    assert all(math.isfinite(float(v)) and float(v) > 0 for v in rows.values())

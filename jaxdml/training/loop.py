@@ -99,8 +99,10 @@ class Loop:
         # them stalling the devices, wall time, steps in the call)
         self._finished: list[tuple[int, Any, float, float, float, float, int]] = []
         self._last_finish = 0.0
-        self._host = 0.0  # seconds in after_step hooks since the previous finish
+        self._host = 0.0  # seconds in after_step hooks and deliveries since the previous finish
         self._stall = 0.0  # of those, the seconds after which the devices had run dry
+        self._busy_at = 0.0  # in a delivery: the last time the devices were seen busy
+        self._dry = False  # in a delivery: a check found that they had run dry
         self._newest: Any = None  # metrics of the newest dispatched call
         # The first finished step of a run is delivered at once: it tells the hooks that
         # training goes on (a recovery's event is written then), whatever comes next.
@@ -274,13 +276,38 @@ class Loop:
         return self._expedite > 0 and finished >= self._expedite
 
     def _deliver(self) -> None:
-        """Fetches the queued metrics in one transfer and hands the rows to the hooks."""
+        """Fetches the queued metrics and hands the rows to the hooks. Its time is host
+        work of the next finished step's row; the part after the last check that found
+        the newest dispatched call still running (before the fetch and before each hook)
+        stalled the devices if that call had finished by the end: the calls in flight
+        usually hide a delivery's first milliseconds."""
         if not self._finished:
             return
+        t0 = self._busy_at = self.clock()
+        self._dry = False
+        try:
+            self._hand_out()
+        finally:
+            end = self.clock()
+            self._host += end - t0
+            if self._dry or _finished(self._newest):
+                self._stall += end - self._busy_at
+
+    def _still_busy(self) -> None:
+        """During a delivery: notes now as a time the devices still had work, until a
+        check finds the newest dispatched call finished (they ran dry since the last)."""
+        if not self._dry:
+            if _finished(self._newest):
+                self._dry = True
+            else:
+                self._busy_at = self.clock()
+
+    def _hand_out(self) -> None:
         finished, self._finished = self._finished, []
         self._delivered = True
         if finished[-1][0] >= self._expedite:
             self._expedite = 0
+        self._still_busy()
         values = fetch([item[1] for item in finished])
         # One conversion for all the rows: a fused call's first k rows are its steps'.
         calls = zip(finished, values, strict=True)
@@ -298,6 +325,7 @@ class Loop:
         # rollback): the first error is raised once all have seen the rows.
         error = None
         for hook in self.hooks:
+            self._still_busy()
             try:
                 hook.on_metrics(rows)
             except Exception as e:  # noqa: BLE001 -- re-raised below

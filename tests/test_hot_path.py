@@ -272,6 +272,33 @@ def _slow(step_fn, iterations):
     return jax.jit(slow)
 
 
+def test_the_loop_calls_the_step_hooks_a_hook_has_and_only_those(trainer):
+    """Per-step calls go only to hooks with their own before_step/after_step: a class
+    override, one given to the instance, or a duck-typed hook's; a hook without one is
+    not called at each step (and a duck-typed hook without one does not fail)."""
+    seen = []
+
+    class Counts(Hook):
+        def after_step(self, info):
+            seen.append(("class", info.step))
+            return False
+
+    given = Hook()
+    given.after_step = lambda info: seen.append(("instance", info.step)) or False
+
+    class Duck:
+        def on_metrics(self, rows):
+            seen.append(("duck rows", len(rows)))
+
+    loop = Loop(trainer.step_fn, trainer.batcher, trainer.mesh, 3,
+                hooks=[Counts(), given, Duck(), Rows()])  # fmt: skip
+    assert len(loop._after) == 2 and loop._before == []
+    loop.run(trainer.state)
+    assert [s for k, s in seen if k == "class"] == [1, 2, 3]
+    assert [s for k, s in seen if k == "instance"] == [1, 2, 3]
+    assert sum(n for k, n in seen if k == "duck rows") == 3
+
+
 def test_host_work_counts_as_stall_only_when_the_devices_ran_dry(trainer):
     """A row's `stall_seconds` is the host work after which the newest dispatched step had
     finished (the devices idled); host work while a step still runs is hidden behind it."""

@@ -342,7 +342,9 @@ def _finished(metrics: jax.Array | None) -> bool:
 
 
 def _overrides(hook: Any, method: str) -> bool:
-    """Whether `hook` has its own `method` (a duck-typed hook: whether it has one)."""
+    """Whether `hook` has its own `method`: its class overrides Hook's, or the instance
+    was given one (a duck-typed hook: whether it has one at all)."""
     if not isinstance(hook, Hook):
         return hasattr(hook, method)
-    return getattr(type(hook), method) is not getattr(Hook, method)
+    own = method in getattr(hook, "__dict__", {})
+    return own or getattr(type(hook), method) is not getattr(Hook, method)

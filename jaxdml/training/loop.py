@@ -102,7 +102,6 @@ class Loop:
         self._host = 0.0  # seconds in after_step hooks and deliveries since the previous finish
         self._stall = 0.0  # of those, the seconds after which the devices had run dry
         self._busy_at = 0.0  # in a delivery: the last time the devices were seen busy
-        self._dry = False  # in a delivery: a check found that they had run dry
         self._newest: Any = None  # metrics of the newest dispatched call
         # The first finished step of a run is delivered at once: it tells the hooks that
         # training goes on (a recovery's event is written then), whatever comes next.
@@ -284,23 +283,19 @@ class Loop:
         if not self._finished:
             return
         t0 = self._busy_at = self.clock()
-        self._dry = False
         try:
             self._hand_out()
         finally:
             end = self.clock()
             self._host += end - t0
-            if self._dry or _finished(self._newest):
+            if _finished(self._newest):  # nothing is dispatched meanwhile: it stays so
                 self._stall += end - self._busy_at
 
     def _still_busy(self) -> None:
-        """During a delivery: notes now as a time the devices still had work, until a
-        check finds the newest dispatched call finished (they ran dry since the last)."""
-        if not self._dry:
-            if _finished(self._newest):
-                self._dry = True
-            else:
-                self._busy_at = self.clock()
+        """During a delivery: notes now as a time the devices still had work, if the
+        newest dispatched call has not finished."""
+        if not _finished(self._newest):
+            self._busy_at = self.clock()
 
     def _hand_out(self) -> None:
         finished, self._finished = self._finished, []

@@ -70,6 +70,12 @@ def test_goodput_config_and_logreg_row_are_valid_runs():
     assert not [a for a in command if "local_every_steps" in a]  # the config's own: 3
     seed = goodput._goodput_command(100, "seed_logreg", common.QUICK.goodput_local_every_steps)
     assert "--config.checkpoint.local_every_steps=100" in seed
+    fast = goodput._goodput_command(100, "seed_logreg", 100, watchdog_secs=1.5, steps_per_call=10)
+    assert "--config.supervisor.watchdog_secs=1.5" in fast
+    assert "--config.train.steps_per_call=10" in fast
+    # the hang floor: 10 x the fault-free calibration's longest wait between steps, >= 1 s
+    assert goodput.watchdog_floor({"watchdog_longest_quiet_s": 0.02}) == 1.0
+    assert goodput.watchdog_floor({"watchdog_longest_quiet_s": 0.3}) == pytest.approx(3.0)
     data = {"source": "synthetic", "n_samples": 500, "n_features": 5, "n_informative": 2}
     config = models._config(common.config_module("seed_logreg"), "", data)
     ds = load_dataset(config.data)
@@ -174,6 +180,7 @@ def test_quick_benchmark_writes_every_section_and_valid_plots(tmp_path):
     assert raw["models"]["returncode"] == 0 and "| digits (1437 x 64) | mlp" in report
     assert all(r["completed"] for r in raw["goodput"]["runs"].values())
     assert raw["goodput"]["runs"]["with faults"]["faults"] >= 2
+    assert raw["goodput"]["watchdog_secs"] == goodput.watchdog_floor(raw["goodput"]["calibration"])
     faulty = raw["goodput"]["runs"]["with faults"]["job"]
     # The kill restarted it. Its redone steps may be 0: the memory tier saves every 100
     # steps and at its default 5 s, so the kill can land right after a save

@@ -117,6 +117,28 @@ def test_anomaly_guard_counts_within_the_window_and_spots_spikes():
     assert guard.rollback_due and guard.recent() == [41, 42, 45]
 
 
+def test_the_watchdog_reports_its_longest_quiet_outside_allowed_work():
+    now = [0.0]
+    dog = detect.Watchdog(5.0, lambda idle: None, factor=10.0, clock=lambda: now[0])
+    for gap in (0.1, 0.3, 0.2):
+        now[0] += gap
+        dog.pet()
+    with dog.allow(60.0):  # a compilation: 30 s without a pet is allowed, and not counted
+        now[0] += 30.0
+        dog.pet()
+    now[0] += 0.25
+    dog.pet()
+    assert dog.report() == pytest.approx(
+        {"watchdog_deadline_s": 5.0, "watchdog_longest_quiet_s": 0.3}
+    )
+    for _ in range(5):  # the median interval is 0.8 s now: a deadline of 10 x 0.8 s
+        now[0] += 0.8
+        dog.pet()
+    assert dog.report() == pytest.approx(
+        {"watchdog_deadline_s": 8.0, "watchdog_longest_quiet_s": 0.8}
+    )
+
+
 def test_watchdog_fires_once_after_the_timeout_with_a_fake_clock():
     now = [0.0]
     fired = threading.Event()

@@ -108,6 +108,9 @@ def test_a_fault_free_run_reports_nothing(tmp_path):
     assert [e["kind"] for e in events(tmp_path)] == []
     assert result["faults"] == {} and result["recoveries"] == 0 and result["lost_steps"] == 0
     assert 0 < result["goodput"] <= 1
+    # how close the run came to the watchdog: its longest wait between steps, compiling
+    # and restoring (allowed work) left out
+    assert 0 < result["watchdog_longest_quiet_s"] < result["watchdog_deadline_s"] == 60.0
 
 
 def test_every_event_matches_what_was_injected(tmp_path):

@@ -267,6 +267,8 @@ class Watchdog:
     pets), so slow steps (a large model, a loaded machine) are not hangs, while a small
     model's hang is found after `floor` seconds. Work known to take long (compiling,
     restoring, a synchronous save, waiting for peers) runs inside `allow(seconds)`.
+    `report()` says how close a run came: the longest wait between pets outside such
+    work (an operator's measure for `floor`: a fault-free run's longest quiet).
 
     Args:
       floor: seconds (0: the watchdog is off).
@@ -286,6 +288,7 @@ class Watchdog:
         self._last = self.clock()
         self._intervals: collections.deque = collections.deque(maxlen=101)
         self._allowance = 0.0
+        self.longest = 0.0  # seconds: the longest interval between pets outside allow()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="jaxdml-watchdog", daemon=True)
         self.fired = False
@@ -294,7 +297,12 @@ class Watchdog:
         now = self.clock()
         if self._allowance == 0.0:
             self._intervals.append(now - self._last)
+            self.longest = max(self.longest, now - self._last)
         self._last = now
+
+    def report(self) -> dict:
+        """For result.json: the deadline now and the longest quiet seen, in seconds."""
+        return {"watchdog_deadline_s": self.deadline(), "watchdog_longest_quiet_s": self.longest}
 
     def deadline(self) -> float:
         """Seconds without a pet that count as a hang now."""

@@ -395,10 +395,9 @@ class Trainer:
     def fit(self) -> dict:
         """Runs to the last step and writes result.json; returns the result.
 
-        Under a supervisor, failures are recovered (see jaxdml.supervisor); without one
-        any failure ends the run. On SIGTERM (preemption) or SIGINT (Ctrl-C) the current
-        step finishes, a verified checkpoint is saved in both tiers, and the returned
-        result has stopped_by set (no result.json).
+        Under a supervisor, failures are recovered (jaxdml.supervisor); without one any
+        failure ends the run. On SIGTERM (preemption) or SIGINT (Ctrl-C) the step finishes,
+        a verified checkpoint is saved in both tiers; the result has stopped_by (no result.json).
 
         Raises:
           GaveUp: the supervisor stopped (report.json and a final checkpoint were written).
@@ -412,7 +411,8 @@ class Trainer:
         step = int(to_host(self.state.step))
         if step < self.num_steps:
             return self.stopped(step, signals.signum)
-        result = self.finish(self.accounting.report() if self.supervisor else {})
+        extra = {**self.accounting.report(), **self._watch.report()} if self.supervisor else {}
+        result = self.finish(extra)
         self.tiers.remove_memory_tier()
         return result
 
@@ -435,7 +435,9 @@ class Trainer:
             except Exception as error:  # noqa: BLE001 -- the supervisor classifies; bugs re-raise
                 if not supervised:
                     raise
-                recovery = self.supervisor.recover(error, self)
+                # Recovering (probing devices, restoring, a backoff) is no hang.
+                with self._watch.allow(self.config.distributed.initialization_timeout_secs):
+                    recovery = self.supervisor.recover(error, self)
                 self.accounting.begin_recovery(recovery)
                 self.goodput.resume(int(to_host(self.state.step)))
                 self.accounting.loop_started()
@@ -491,15 +493,13 @@ class Trainer:
 
     def rollback(self, set_aside_batches: Sequence[int] = ()) -> int:
         """Restores the newest valid checkpoint of either tier (after pending saves are
-        verified); the batches of `set_aside_batches` steps are skipped when those steps
-        run again.
+        verified); the batches of `set_aside_batches` steps are skipped when they run again.
 
         Returns:
           The restored step.
         """
         self.skip_steps.update(set_aside_batches)
-        with self._watch.allow(self.config.distributed.initialization_timeout_secs):
-            return self._adopt(self._restore_newest())
+        return self._adopt(self._restore_newest())
 
     def checkpoint_now(self) -> int:
         """Saves the current state synchronously in both tiers, verified; returns its step."""

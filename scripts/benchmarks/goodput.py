@@ -45,33 +45,54 @@ def goodput_plan(num_steps: int, interval: int, num_devices: int = 4) -> str:
     return ",".join(entries)
 
 
-def _goodput_command(steps: int, config: str, local_every_steps: int = 100) -> list[str]:
+def _goodput_command(
+    steps: int,
+    config: str,
+    local_every_steps: int = 100,
+    watchdog_secs: float = 5.0,
+    steps_per_call: int = 1,
+) -> list[str]:
     """The goodput runs' command. `local_every_steps`: the memory tier's step schedule
     (0: the config's own). Every 100 steps, besides the default every 5 s, suits a
     millisecond step (seed_logreg); the persistent tier saves by time (every_secs, 300 s):
     an Orbax save every 100 steps of such a step would cost the loop more than the faults
-    (docs/architecture.md). A config with slow steps (wide_mlp) has its own schedule."""
+    (docs/architecture.md). A config with slow steps (wide_mlp) has its own schedule.
+    `watchdog_secs`: the hang watchdog's floor; `steps_per_call`: train.steps_per_call."""
     schedule = [f"--config.checkpoint.local_every_steps={local_every_steps}"]
     return [
         *_train_command(steps, config),
         *(schedule if local_every_steps else []),
         "--config.supervisor.fingerprint_every=50",
-        "--config.supervisor.watchdog_secs=5",
-        # A hang is max(5 s, 10 x the median step) without progress: the default 50x is
+        f"--config.supervisor.watchdog_secs={watchdog_secs:g}",
+        # A hang is max(floor, 10 x the median step) without progress: the default 50x is
         # a minute on a 1-s step (wide_mlp), most of the run's 30 s between faults.
         "--config.supervisor.watchdog_step_factor=10",
+        f"--config.train.steps_per_call={steps_per_call}",
         "--config.train.log_every=1000000",
     ]
 
 
+def watchdog_floor(calibration: dict) -> float:
+    """The goodput runs' hang floor from a fault-free run: 10 x its longest wait between
+    steps outside compiling, restoring and recovering (result.json), at least 1 s."""
+    return max(1.0, 10.0 * calibration["watchdog_longest_quiet_s"])
+
+
 def _goodput_run(
-    workdir: str, config: str, steps: int, plan: str, timeout: float, local_every_steps: int
+    workdir: str,
+    config: str,
+    steps: int,
+    plan: str,
+    timeout: float,
+    local_every_steps: int,
+    watchdog_secs: float = 5.0,
+    steps_per_call: int = 1,
 ) -> dict:
     """Runs `config` for `steps` with `plan`, restarted until done; its record."""
     from jaxdml import chaos
 
     crashes = plan.count("sigkill") + plan.count("hang")
-    command = _goodput_command(steps, config, local_every_steps)
+    command = _goodput_command(steps, config, local_every_steps, watchdog_secs, steps_per_call)
     codes, wall = chaos.run_plan(command, workdir, plan, max_attempts=crashes + 3, timeout=timeout)
     events = _read_events(workdir)
     lost_steps, lost_s = chaos.lost_work(events)
@@ -87,6 +108,7 @@ def _goodput_run(
         "wall_s": wall,
         "completed": codes[-1] == 0 and bool(result),
         "last_attempt_wall_time_s": result.get("wall_time_s"),
+        "watchdog_longest_quiet_s": result.get("watchdog_longest_quiet_s"),
         "faults": len(fault_times),
         "fault_times": sorted(fault_times.values()),
         "lost_steps": lost_steps,
@@ -114,11 +136,14 @@ def run(ctx: Context) -> Section:
         config=s.goodput_config,
         timeout=timeout,
         local_every_steps=s.goodput_local_every_steps,
+        steps_per_call=s.goodput_steps_per_call,
     )
     calibration = run_one(
         os.path.join(base, "calibration"), steps=s.goodput_calibration_steps, plan=""
     )
     bar.update()
+    floor = s.goodput_watchdog_secs or watchdog_floor(calibration)
+    run_one = functools.partial(run_one, watchdog_secs=floor)
     steps = int(_steps_per_second(calibration) * s.goodput_seconds)
     runs = {"without faults": run_one(os.path.join(base, "clean"), steps=steps, plan="")}
     bar.update()
@@ -147,9 +172,11 @@ def run(ctx: Context) -> Section:
     from jaxdml import goodput as job_goodput
 
     job_goodput.plot(faulty["job"], bars, title="with faults:")
-    body = _goodput_body(s, rate, steps, plan, clean, faulty, goodput)
+    body = _goodput_body(s, rate, steps, plan, clean, faulty, goodput, floor, calibration)
     data = {
         "config": s.goodput_config,
+        "watchdog_secs": floor,
+        "calibration": calibration,
         "steps_per_s": rate,
         "steps": steps,
         "plan": plan,
@@ -179,7 +206,7 @@ def _fault_times(events: list[dict]) -> dict[str, float]:
     return times
 
 
-def _goodput_body(s: Settings, rate, steps, plan, clean, faulty, goodput) -> str:
+def _goodput_body(s: Settings, rate, steps, plan, clean, faulty, goodput, floor, calib) -> str:
     rows = []
     for name, r in (("without faults", clean), ("with faults", faulty)):
         rows.append(
@@ -211,10 +238,20 @@ def _goodput_body(s: Settings, rate, steps, plan, clean, faulty, goodput) -> str
     )  # fmt: skip
     k = s.goodput_local_every_steps
     memory = f"every {k} steps and every 5 s" if k else "on the config's own schedule"
+    quiet = calib.get("watchdog_longest_quiet_s")
+    why = (
+        "set with --set=goodput_watchdog_secs"
+        if s.goodput_watchdog_secs
+        else f"10 x the calibration run's longest wait between steps, {1e3 * quiet:.0f} ms, "
+        "at least 1 s"
+    )
+    per_call = s.goodput_steps_per_call
+    calls = f", {per_call} steps per call (`train.steps_per_call`)" if per_call > 1 else ""
     return (
         f"The `{s.goodput_config}` config with protections on (checkpoint {memory} in the "
         "memory tier, every 300 s in the persistent tier, fingerprints "
-        "every 50 steps, watchdog max(5 s, 10 x the median step)) for "
+        f"every 50 steps, watchdog max({floor:.2g} s, 10 x the median step): the floor is "
+        f"{why}{calls}) for "
         f"{steps} steps, sized to about {s.goodput_seconds:.0f} s by a "
         f"calibration run. The fault-free run then measured {rate:.3g} steps/s (its own wall "
         "time, process start and compilation excluded), from which the faulty run gets a "

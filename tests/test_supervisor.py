@@ -200,3 +200,21 @@ def test_below_min_devices_stops_with_a_report_and_resumes_with_devices_back(tmp
     assert result["steps"] == 80 and result["num_devices"] == 4
     resumed = [e for e in events(tmp_path) if e["kind"] == "resumed"]
     assert [e["step"] for e in resumed] == [50]
+
+
+def test_a_recovery_longer_than_the_watchdog_deadline_is_not_a_hang(tmp_path):
+    """A recovery is allowed work, like compiling: a backoff of 4 s before re-forming the
+    mesh, with a 1.5-s hang floor, must not make the watchdog call a hang."""
+    config = small(seed_logreg, 60)
+    config.faults = "device_loss@30:3"
+    config.supervisor.watchdog_secs = 1.5
+    config.supervisor.watchdog_step_factor = 0.0
+    config.supervisor.backoff_secs = 4.0
+    exits = []
+    supervisor = Supervisor(config, exit_process=exits.append)
+    trainer = Trainer(config, str(tmp_path), devices=jax.devices()[:4], supervisor=supervisor)
+    result = trainer.fit()
+    assert exits == [] and [e for e in events(tmp_path) if e["kind"] == "hang"] == []
+    assert result["steps"] == 60 and result["recoveries"] == 1 and result["num_devices"] == 3
+    loss = [e for e in events(tmp_path) if e["kind"] == "device_loss"]
+    assert len(loss) == 1 and loss[0]["seconds_lost"] >= 4.0  # the backoff is its cost

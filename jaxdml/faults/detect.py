@@ -296,8 +296,9 @@ class Watchdog:
     def pet(self) -> None:
         now = self.clock()
         if self._allowance == 0.0:
-            self._intervals.append(now - self._last)
-            self.longest = max(self.longest, now - self._last)
+            interval = now - self._last
+            self._intervals.append(interval)
+            self.longest = max(self.longest, interval)
         self._last = now
 
     def report(self) -> dict:

@@ -271,12 +271,28 @@ def test_resuming_with_other_data_is_refused_naming_the_data(tmp_path):
         Trainer(config, str(tmp_path), devices=jax.devices()[:4], dataset=other)
 
 
+def test_a_straggler_is_a_step_5x_the_median_and_100_ms_slower():
+    from jaxdml.accounting import slow_steps
+
+    steady = [0.0005] * 200
+    assert slow_steps(steady + [0.05, 0.09]) == 0  # a descheduled process: tens of ms
+    assert slow_steps(steady + [0.2, 0.5]) == 2  # a device that stalls
+    assert slow_steps([1.0] * 50 + [4.0]) == 0  # slow steps: under 5x their median
+    assert slow_steps([1.0] * 50 + [6.0]) == 1
+    assert slow_steps([]) == 0
+
+
 def test_a_fault_free_run_reports_no_stragglers(tmp_path):
     config = seed_logreg.get_config()
     config.checkpoint.every_steps = 100
-    result = Trainer(config, str(tmp_path), devices=jax.devices()[:4]).fit()
-    assert result["steps"] == 300 and result["slow_steps"] == 0
-    assert [e for e in events(tmp_path) if e["kind"] == "hang"] == []
+    trainer = Trainer(config, str(tmp_path), devices=jax.devices()[:4])
+    result = trainer.fit()
+    assert result["steps"] == 300 and [e for e in events(tmp_path) if e["kind"] == "hang"] == []
+    # The compiling step (seconds, not milliseconds) is no straggler. On the suite's shared
+    # 2 cores one step in 300 can still lose over 100 ms to the other worker's processes
+    # (seen once in a fresh-clone run): one is tolerated; the rule itself is tested above.
+    assert result["slow_steps"] <= 1
+    assert 1 in trainer.accounting._compile_steps
 
 
 def test_the_watchdog_has_no_false_alarm_while_other_processes_load_the_cores(tmp_path):

@@ -73,9 +73,11 @@ def test_goodput_config_and_logreg_row_are_valid_runs():
     fast = goodput._goodput_command(100, "seed_logreg", 100, watchdog_secs=1.5, steps_per_call=10)
     assert "--config.supervisor.watchdog_secs=1.5" in fast
     assert "--config.train.steps_per_call=10" in fast
-    # the hang floor: 10 x the fault-free calibration's longest wait between steps, >= 1 s
+    # the hang floor: 2 x the fault-free calibration's longest wait between steps, >= 1 s;
+    # a hang is max(floor, 4 x the median step) without progress
     assert goodput.watchdog_floor({"watchdog_longest_quiet_s": 0.02}) == 1.0
-    assert goodput.watchdog_floor({"watchdog_longest_quiet_s": 0.3}) == pytest.approx(3.0)
+    assert goodput.watchdog_floor({"watchdog_longest_quiet_s": 2.4}) == pytest.approx(4.8)
+    assert "--config.supervisor.watchdog_step_factor=4" in fast
     data = {"source": "synthetic", "n_samples": 500, "n_features": 5, "n_informative": 2}
     config = models._config(common.config_module("seed_logreg"), "", data)
     ds = load_dataset(config.data)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 import time
 from typing import Any
 
@@ -122,6 +123,8 @@ class Tier:
         self.saves = 0
         self.last_saved_step: int | None = None
         self._pending: list[_Pending] = []
+        # A tier's writer thread may seal too (`poll(seals_only=True)` once it commits).
+        self._lock = threading.RLock()
         # What a seal waits for (the run's MetricsWriter: `through`, `drain()`): a step is
         # sealed only once the metrics rows of its steps were accepted by every hook and
         # are on disk.
@@ -154,7 +157,8 @@ class Tier:
             return False
         self.saves += 1
         self.last_saved_step = step
-        self._pending.append(_Pending(step))
+        with self._lock:
+            self._pending.append(_Pending(step))
         if wait:
             self.wait()
         return True
@@ -162,23 +166,30 @@ class Tier:
     def approve(self, step: int, fingerprint: str) -> None:
         """The replicas of the state saved as `step` agreed on `fingerprint`: seal it once
         it is committed."""
-        for p in self._pending:
-            if p.step == step:
-                p.fingerprint = fingerprint
-        self.poll()
+        with self._lock:
+            for p in self._pending:
+                if p.step == step:
+                    p.fingerprint = fingerprint
+            self.poll()
 
     def reject(self, step: int, reason: str) -> None:
         """The replicas of the state saved as `step` disagreed: it is never sealed, and is
         set aside once it has been written."""
-        for p in self._pending:
-            if p.step == step:
-                p.rejected = reason
-        self.poll()
+        with self._lock:
+            for p in self._pending:
+                if p.step == step:
+                    p.rejected = reason
+            self.poll()
 
-    def poll(self) -> None:
+    def poll(self, seals_only: bool = False) -> None:
         """Seals (or sets aside) the pending saves that are committed and have a verdict
         (and whose rows are through the gate); cheap when there is nothing to do (a few
-        stat calls)."""
+        stat calls). `seals_only`: rejected saves wait for the loop's next call (a writer
+        thread's poll, right after a commit: the seal comes a step sooner)."""
+        with self._lock:
+            self._poll(seals_only)
+
+    def _poll(self, seals_only: bool) -> None:
         still = []
         through = self.rows.through if self.rows is not None else None
         for p in self._pending:
@@ -186,6 +197,8 @@ class Tier:
                 still.append(p)
             elif p.rejected is None and through is not None and p.step > through:
                 still.append(p)  # its rows are not yet accepted and written
+            elif p.rejected is not None and seals_only:
+                still.append(p)
             elif p.rejected is not None:
                 self.set_aside(p.step, p.rejected)
             elif self._primary:
@@ -207,9 +220,10 @@ class Tier:
             self._record_failure(self.last_saved_step, e)
         if self.rows is not None:
             self.rows.drain()
-        self.poll()
-        # What did not commit (a failed save) never will.
-        self._pending = [p for p in self._pending if os.path.isdir(self._step_dir(p.step))]
+        with self._lock:
+            self.poll()
+            # What did not commit (a failed save) never will.
+            self._pending = [p for p in self._pending if os.path.isdir(self._step_dir(p.step))]
 
     def _surface_background_errors(self) -> None:
         pass

@@ -85,6 +85,7 @@ class MemoryTier(Tier):
         with open(os.path.join(tmp, _META), "w") as f:
             json.dump({**meta, "leaves": len(leaves)}, f)
         os.replace(tmp, self._step_dir(step))  # the commit
+        self.poll(seals_only=True)  # approved already: sealed now, not at the next step
         self._prune()
 
     def _prune(self) -> None:

@@ -279,3 +279,34 @@ def test_a_save_is_sealed_only_once_the_metrics_rows_of_its_steps_are_written(tm
     with open(seal) as f:
         assert json.load(f) == {"fingerprint": "0123456789abcdef"}
     ck.close()
+
+
+def test_the_memory_tier_seals_an_approved_save_when_it_commits(tmp_path):
+    """An approved save is sealed by the writer thread right after its commit, with no
+    further poll from the loop (a process killed a step later restarts from it); a
+    rejected one is left to the loop's next poll, which sets it aside."""
+    import threading
+
+    import jax.numpy as jnp
+
+    from jaxdml.checkpoint import SEAL
+    from jaxdml.memory_tier import MemoryTier
+
+    tier = MemoryTier(str(tmp_path / "memory"), str(tmp_path / "aside"))
+    gate = threading.Event()
+    real = tier._write_files
+    tier._write_files = lambda *a: gate.wait(10) and real(*a)  # commits when released
+    assert tier.save(5, {"w": jnp.arange(4.0)}, {}) is True
+    assert tier.save(6, {"w": jnp.arange(4.0)}, {}) is True
+    tier.approve(5, "0123456789abcdef")  # before the commit: nothing to seal yet
+    tier.reject(6, "replicas disagreed")
+    assert not os.path.exists(os.path.join(tier._step_dir(5), SEAL))
+    gate.set()
+    for f in list(tier._writes):
+        f.result(10)
+    with open(os.path.join(tier._step_dir(5), SEAL)) as f:
+        assert json.load(f) == {"fingerprint": "0123456789abcdef"}
+    assert [p.step for p in tier._pending] == [6] and 6 in tier.steps()
+    tier.poll()  # the loop's poll: the rejected save goes aside
+    assert 6 not in tier.steps() and tier._pending == []
+    tier.close()

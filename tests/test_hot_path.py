@@ -363,3 +363,30 @@ def test_the_steps_compile_with_the_configured_xla_options(tmp_path):
     # Without the fusion emitters the step computes what XLA's defaults compute.
     off = "xla_cpu_use_fusion_emitters=false"
     assert first_loss(off) == pytest.approx(first_loss(""), rel=1e-5)
+
+
+def test_rows_asked_for_early_go_out_as_soon_as_their_step_is_done(trainer):
+    """A hook that expedites a step (a save's seal waits for its rows) gets them before
+    the next dispatch once the step is done, not when the depth bound next waits for it."""
+    order = []
+
+    class Expedites(Hook):
+        def after_step(self, info):
+            order.append(("after_step", info.step))
+            if info.step == 3:
+                info.expedite()
+                jax.block_until_ready(info.state)  # done (a save that waited for it)
+            return False
+
+        def on_metrics(self, rows):
+            order.append(("rows through", rows[-1]["step"]))
+
+    loop = Loop(trainer.step_fn, trainer.batcher, trainer.mesh, 8, hooks=[Expedites()],
+                dispatch_depth=2, fetch_every=25)  # fmt: skip
+    start = int(jax.device_get(trainer.state.step))
+    loop.run(trainer.state)
+    order = [(kind, step - start) for kind, step in order]
+    first = order.index(("rows through", 1))  # the first finished step goes out at once
+    early = order.index(("rows through", 3))
+    assert early == order.index(("after_step", 3)) + 1 > first
+    assert order[-1] == ("rows through", 8)

@@ -138,6 +138,13 @@ class Loop:
         while step < self.num_steps:
             while len(inflight) >= self.dispatch_depth:
                 self._finish(*inflight.popleft())
+            # Rows a hook asked for early (a save's seal waits for them) go out as soon
+            # as their steps are done, not when the depth bound next waits for them: a
+            # save is then sealed, a restart's point, steps sooner. Nothing waits here.
+            while self._expedite and inflight and inflight[0][0] <= self._expedite:
+                if not _finished(inflight[0][2]):
+                    break
+                self._finish(*inflight.popleft())
             try:
                 state, pos, metrics, k = self._dispatch(step, state, pos, self.num_steps)
             except Exception:

@@ -166,20 +166,22 @@ def test_ctrl_c_finishes_the_step_saves_exits_130_and_the_rerun_is_identical(tmp
     assert metric_steps(tmp_path) == list(range(1, 3001))
 
 
-def test_a_fused_run_killed_from_outside_at_a_random_moment_resumes_to_the_same_result(
-    tmp_path,
+@pytest.mark.parametrize("per_call, local_every", [(8, 100), (1, 5)])
+def test_a_run_killed_from_outside_at_a_random_moment_resumes_to_the_same_result(
+    tmp_path, per_call, local_every
 ):
-    """train.steps_per_call=8, SIGKILLed by another process at a random wall-clock moment
-    (inside a fused call, a save or a delivery: wherever it lands); the rerun ends with
-    every step logged once and the parameters of an uninterrupted one-step-per-call run."""
+    """SIGKILLed by another process at a random wall-clock moment (inside a fused call, a
+    memory-tier commit or the seal its writer thread writes, a delivery: wherever it
+    lands); the rerun ends with every step logged once and the parameters of an
+    uninterrupted one-step-per-call run."""
     import random
 
     steps = 4000
     args = (f"--config.train.num_steps={steps}", "--config.checkpoint.every_steps=500",
-            "--config.checkpoint.local_every_steps=100")  # fmt: skip
+            f"--config.checkpoint.local_every_steps={local_every}")  # fmt: skip
     reference = tmp_path / "reference"
     assert train(reference, *args).returncode == 0
-    run, fused = tmp_path / "fused", "--config.train.steps_per_call=8"
+    run, fused = tmp_path / "run", f"--config.train.steps_per_call={per_call}"
     cmd = [sys.executable, "-m", "experiments.train", f"--config={SMOKE}",
            f"--workdir={run}", *COMMON, *args, fused]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

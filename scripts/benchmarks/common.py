@@ -71,7 +71,7 @@ class Settings:
     # saves every 3 steps of about a second).
     goodput_config: str = "seed_logreg"
     goodput_local_every_steps: int = 100
-    # The hang watchdog's floor in the goodput runs, s (0: 10 x the longest wait between
+    # The hang watchdog's floor in the goodput runs, s (0: 2 x the longest wait between
     # steps of the fault-free calibration run, at least 1 s), and train.steps_per_call.
     goodput_watchdog_secs: float = 0.0
     goodput_steps_per_call: int = 1

@@ -52,6 +52,32 @@ def test_histograms_summed_over_devices_equal_the_single_device_histogram(num_de
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+def test_histogram_sums_are_exact_integers_up_to_the_quantization_bound():
+    # Gradients and hessians of either sign, as large as `quantize` makes them: each sum
+    # over rows fits an int32 (|sum| < 2^31), so the histogram must hold it exactly.
+    rng = np.random.default_rng(3)
+    n, f, bins, nodes = 4096, 3, 8, 2
+    edges = np.tile(np.arange(bins - 1, dtype=np.float32), (f, 1))
+    model = GBDTModel(f, 2, edges, num_trees=1, max_depth=2)
+    xb = rng.integers(0, bins, size=(n, f)).astype(np.uint8)
+    pos = rng.integers(-1, nodes + 1, size=(n, 1)).astype(np.int32)  # -1, nodes: left out
+    peak = 2**30 // n
+    gh = rng.integers(-peak, peak + 1, size=(n, 1, 2)).astype(np.int32)
+    # Half the rows in one node and bin with the largest g, the other half in another with
+    # the most negative h: sums of +-2^29 there.
+    xb[: n // 2, 0], pos[: n // 2], gh[: n // 2, 0, 0] = 0, 0, peak
+    xb[n // 2 :, 1], pos[n // 2 :], gh[n // 2 :, 0, 1] = bins - 1, 1, -peak
+    want = np.zeros((1, nodes, f, bins, 2), np.int64)
+    for i in range(n):
+        if 0 <= pos[i, 0] < nodes:
+            for j in range(f):
+                want[0, pos[i, 0], j, xb[i, j]] += gh[i, 0]
+    got = model.histogram(jnp.asarray(xb), jnp.asarray(pos), jnp.asarray(gh), nodes)
+    assert got.dtype == jnp.int32
+    assert want.max() >= 2**29 and want.min() <= -(2**29)  # the test reaches large sums
+    np.testing.assert_array_equal(np.asarray(got, np.int64), want)
+
+
 def test_a_depth_one_tree_splits_where_the_labels_change():
     x = np.array([[0.0], [1.0], [2.0], [3.0]], np.float32)
     y = np.array([0, 0, 1, 1], np.int32)

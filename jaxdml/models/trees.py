@@ -25,22 +25,24 @@ count instead of repeating it on every device.
 Trees are complete binary trees stored as fixed-size arrays (heap order: node i has
 children 2i+1 and 2i+2); a node that does not split sends every row left (threshold
 bin `num_bins - 1`) and every leaf below it holds the node's own value. Bin edges
-are quantiles of the whole training set, computed once on the host (see
-`quantile_bin_edges`); bin b of feature f holds edges[f, b-1] < x <= edges[f, b], so
+are quantiles of the whole training set, computed once on the host
+(jaxdml.models.binning); bin b of feature f holds edges[f, b-1] < x <= edges[f, b], so
 "bin <= b" is "x <= edges[f, b]" and the trees predict from raw features too.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import os
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxdml.models.binning import bin_features, quantile_bin_edges
+
+__all__ = ["Collectives", "GBDTModel", "bin_features", "quantile_bin_edges"]
 
 Params = dict[str, jax.Array]
 
@@ -81,63 +83,6 @@ class Collectives:
 
 
 _TINY = 1e-15  # keeps G^2 / (H + l2) finite when l2 = 0 and a child is empty
-
-
-# ----------------------------------------------------------------------------- binning (host)
-
-
-def quantile_bin_edges(x: np.ndarray, num_bins: int) -> np.ndarray:
-    """Per-feature bin edges from the whole training set, as scikit-learn's binning does them.
-
-    An exact global computation on the host, which holds the whole data set here:
-    a feature with at most `num_bins` distinct values gets the midpoints between
-    them; otherwise the (midpoint-interpolated) quantiles at k / num_bins, k = 1..num_bins-1.
-
-    Args:
-      x: training features [n, F].
-      num_bins: bins per feature (at most num_bins - 1 edges).
-
-    Returns:
-      float32 [F, E], each row increasing, padded with +inf, where E <= num_bins - 1 is
-      the most edges any feature has (fewer columns: smaller histograms, same trees).
-    """
-    edges = np.full((x.shape[1], num_bins - 1), np.inf, np.float32)
-    percentiles = np.linspace(0, 100, num_bins + 1)[1:-1]
-
-    def one(f):
-        col = np.sort(np.asarray(x[:, f], np.float64))  # percentile on sorted data: 4x faster
-        distinct = np.unique(col)
-        if len(distinct) <= num_bins:
-            cuts = 0.5 * (distinct[:-1] + distinct[1:])
-        else:
-            cuts = np.percentile(col, percentiles, method="midpoint")
-        cuts = np.unique(cuts.astype(np.float32))
-        edges[f, : len(cuts)] = cuts
-
-    _per_feature(one, x.shape[1])
-    used = max(int(np.isfinite(edges).sum(axis=1).max()), 1)
-    return edges[:, :used]
-
-
-def bin_features(x: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Bin indices [n, F]: the number of feature f's edges below x (uint8 up to 256 bins)."""
-    dtype = np.uint8 if edges.shape[1] < 256 else np.uint16
-    out = np.empty(x.shape, dtype)
-
-    def one(f):
-        out[:, f] = np.searchsorted(edges[f], np.asarray(x[:, f], np.float32), side="left")
-
-    _per_feature(one, x.shape[1])
-    return out
-
-
-def _per_feature(fn: Callable[[int], None], num_features: int) -> None:
-    """fn(f) for every feature, on a thread per core: numpy's sort and searchsorted release
-    the GIL (binning 200k x 20 on 2 cores: 0.27 -> 0.14 s, as scikit-learn's OpenMP
-    binning). Each fn writes only its own feature's column."""
-    workers = max(min(os.cpu_count() or 1, num_features), 1)
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        list(pool.map(fn, range(num_features)))  # list(): re-raises a worker's error
 
 
 # ----------------------------------------------------------------------------- the model
@@ -325,12 +270,14 @@ class GBDTModel:
         size = k * num_nodes * b
         inside = (node >= 0) & (node < num_nodes)
         base = jnp.where(inside, jnp.arange(k) * num_nodes + node, k * num_nodes) * b
-        updates = gh.reshape(-1, 2)
+        updates = _pack(gh.reshape(-1, 2))
 
         def one_feature(column):
             idx = (base + column[:, None].astype(jnp.int32)).reshape(-1)
-            hist = jnp.zeros((size + b, 2), gh.dtype).at[idx].add(updates, mode="promise_in_bounds")
-            return hist[:size]
+            with jax.enable_x64(True):
+                hist = jnp.zeros((size + b, *updates.shape[1:]), updates.dtype)
+                hist = hist.at[idx].add(updates, mode="promise_in_bounds")
+            return _unpack(hist[:size])
 
         return jax.lax.map(one_feature, xt).reshape(-1, k, num_nodes, b, 2)
 
@@ -563,6 +510,27 @@ def _row_values(x: jax.Array, column: jax.Array) -> jax.Array:
     """x[i, column[i, k]] for x [n, F] and columns [n, outputs]: [n, outputs]."""
     n, num_f = x.shape
     return jnp.asarray(x).reshape(-1)[(jnp.arange(n) * num_f)[:, None] + column]
+
+
+def _pack(gh: jax.Array) -> jax.Array:
+    """int32 pairs [m, 2] as one int64 each, g * 2^32 + h: a sum of packed values is the
+    packing of the sums while every sum fits an int32 (`quantize` bounds them by 2^30), so
+    a histogram is one scalar scatter-add, not two-element windows (~15% faster on CPU)."""
+    if gh.dtype != jnp.int32:  # the float histograms of `histogram` callers
+        return gh
+    with jax.enable_x64(True):
+        return (gh[:, 0].astype(jnp.int64) << 32) + gh[:, 1].astype(jnp.int64)
+
+
+def _unpack(packed: jax.Array) -> jax.Array:
+    """`_pack`'s inverse on sums: h is the low 32 bits read as a signed int32 (|h| < 2^31),
+    g the exact rest shifted down."""
+    if packed.ndim == 2:
+        return packed
+    with jax.enable_x64(True):
+        h = packed.astype(jnp.int32)  # the conversion keeps the low 32 bits
+        g = ((packed - h.astype(jnp.int64)) >> 32).astype(jnp.int32)
+    return jnp.stack([g, h], axis=-1)
 
 
 def _cumsum_major(x: jax.Array) -> jax.Array:

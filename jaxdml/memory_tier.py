@@ -35,6 +35,7 @@ from absl import logging
 from jaxdml.checkpoint import SEAL, Tier, place_replicated
 
 _META = "meta.json"
+RUN_MARKER = "run"  # holds the token of the run the folder belongs to
 
 
 class MemoryTier(Tier):
@@ -46,6 +47,8 @@ class MemoryTier(Tier):
       max_to_keep: newest steps kept.
       donated: the loop donates the state to its next step: take the replica before
         handing it over.
+      run: the run's token, written to `directory`/run before the first save there (the
+        folder is made then: a tier that never saves leaves nothing in RAM).
     """
 
     def __init__(
@@ -55,20 +58,28 @@ class MemoryTier(Tier):
         max_to_keep: int = 2,
         on_event=None,
         donated: bool = False,
+        run: str = "",
     ):
         super().__init__(directory, set_aside, on_event, primary=True)
-        self.max_to_keep, self.donated = max_to_keep, donated
-        os.makedirs(self.directory, exist_ok=True)
-        for name in os.listdir(self.directory):  # half-written saves of a killed process
+        self.max_to_keep, self.donated, self.run = max_to_keep, donated, run
+        for name in self._listing():  # half-written saves of a killed process
             if name.startswith(".tmp-"):
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
         self._writer = concurrent.futures.ThreadPoolExecutor(1, "jaxdml-memory-tier")
         self._writes: list[concurrent.futures.Future] = []
 
     def steps(self) -> list[int]:
-        return sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
+        return sorted(int(n) for n in self._listing() if n.isdigit())
+
+    def _listing(self) -> list[str]:
+        return os.listdir(self.directory) if os.path.isdir(self.directory) else []
 
     def _write(self, step: int, state: Any, meta: dict) -> None:
+        marker = os.path.join(self.directory, RUN_MARKER)
+        if not os.path.exists(marker):  # the first save: the folder becomes this run's
+            os.makedirs(self.directory, exist_ok=True)
+            with open(marker, "w") as f:
+                f.write(self.run)
         # The arrays, not their values: the writer thread waits for the step to finish,
         # the loop does not.
         leaves = jax.tree.leaves(state)

@@ -249,11 +249,21 @@ def test_a_finished_run_leaves_no_memory_tier_in_ram_set_aside_steps_included(tm
     assert os.path.isdir(saved) and os.path.isdir(aside)  # kept for a restart
     tiers.remove_memory_tier()  # the run finished
     assert not os.path.exists(tmp_path / "ram")
-    # A run closed before its first save leaves no folder either.
+    # A run that never saves makes no folder, closed or not; its first save makes it.
     unused = Tiers(config, str(tmp_path / "run"), on_event=lambda *a, **k: None)
-    assert os.listdir(unused.memory.directory) == ["run"]
+    assert not os.path.exists(tmp_path / "ram")
     unused.close()
     assert not os.path.exists(tmp_path / "ram")
+    never_closed = Tiers(config, str(tmp_path / "run"), on_event=lambda *a, **k: None)
+    del never_closed
+    assert not os.path.exists(tmp_path / "ram")
+    saving = Tiers(config, str(tmp_path / "run"), on_event=lambda *a, **k: None)
+    assert saving.memory.save(5, {"w": np.zeros(3, np.float32)}, {}, wait=True) is True
+    token = (tmp_path / "run" / ".jaxdml_run").read_text().strip()
+    with open(os.path.join(saving.memory.directory, "run")) as f:
+        assert f.read() == token
+    assert saving.memory.steps() == [5]
+    saving.close()
 
 
 def test_a_save_is_sealed_only_once_the_metrics_rows_of_its_steps_are_written(tmp_path):

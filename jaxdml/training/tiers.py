@@ -41,7 +41,7 @@ from jaxdml import mesh as mesh_lib
 from jaxdml.checkpoint import Checkpointer, NoValidCheckpoint, Tier
 from jaxdml.faults import detect
 from jaxdml.faults.errors import SilentCorruption
-from jaxdml.memory_tier import MemoryTier
+from jaxdml.memory_tier import RUN_MARKER, MemoryTier
 from jaxdml.training.hooks import Hook, Periodic, StepInfo, until_multiple
 
 PERSISTENT, MEMORY = "persistent", "memory"
@@ -82,9 +82,10 @@ def _run_token(workdir: str) -> str:
 
 
 def _claim(folder: str, token: str) -> None:
-    """Makes `folder` this run's memory tier: a folder left by another run (the same
-    workdir path, deleted and made again) is emptied, never resumed from."""
-    marker = os.path.join(folder, "run")
+    """Makes `folder` fit to be this run's memory tier: a folder left by another run (the
+    same workdir path, deleted and made again) is removed, never resumed from. The tier
+    makes the folder, with the run's token in it, at its first save."""
+    marker = os.path.join(folder, RUN_MARKER)
     if os.path.exists(marker):
         with open(marker) as f:
             if f.read().strip() == token:
@@ -92,16 +93,13 @@ def _claim(folder: str, token: str) -> None:
     if os.path.isdir(folder):
         logging.warning("memory tier %s belongs to an earlier run: emptied", folder)
         shutil.rmtree(folder, ignore_errors=True)
-    os.makedirs(folder, exist_ok=True)
-    with open(marker, "w") as f:
-        f.write(token)
 
 
 def _holds_only_its_marker(folder: str) -> bool:
-    """Whether a memory tier's folder holds nothing but the run marker `_claim` wrote."""
+    """Whether a memory tier's folder holds nothing but its run marker (no save committed)."""
     try:
-        return os.listdir(folder) == ["run"]
-    except OSError:  # already removed (a finished run)
+        return os.listdir(folder) == [RUN_MARKER]
+    except OSError:  # never made (no save) or already removed (a finished run)
         return False
 
 
@@ -139,14 +137,15 @@ class Tiers:
         self.local_dir = local_root(config, workdir)
         if ck.local_every_secs or ck.local_every_steps:
             me = distributed.process_index()
-            mine = os.path.join(self.local_dir, f"process_{me}")
-            _claim(mine, _run_token(workdir))
+            mine, token = os.path.join(self.local_dir, f"process_{me}"), _run_token(workdir)
+            _claim(mine, token)
             self.memory = MemoryTier(
                 mine,
                 os.path.join(self.local_dir, "set_aside", f"process_{me}"),
                 max_to_keep=ck.local_max_to_keep,
                 on_event=on_event,
                 donated=config.train.donate,
+                run=token,
             )
         for tier in self.all:
             tier.rows = rows  # seals wait for the metrics rows of their steps

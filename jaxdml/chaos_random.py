@@ -305,10 +305,24 @@ class RandomChaos:
                 self._fire_when_ready(fault)
             self._wait(lambda: False, timeout=None)
             self._poll_rows()  # the rows the last process wrote before its exit
+            self.event_rows += self.events.poll()
             for record in list(self.open):
                 self._update(record)
+            for record in list(self.open):
+                self._resumed_with_nothing_left(record)
         finally:
             self.job.kill()
+
+    def _resumed_with_nothing_left(self, record: FaultRecord) -> None:
+        """A fault during the run's last save: its restart resumed at the last step and
+        had no step left to run, so no row shows the recovery; its `resumed` event does."""
+        if not self.done or record.restarted_at is None:
+            return
+        after = [e for e in self.event_rows
+                 if e["kind"] == "resumed" and e["time"] >= record.restarted_at]  # fmt: skip
+        if after:
+            record.seen, record.resumed_from = after[0]["time"], int(after[0]["step"])
+            self.open.remove(record)
 
     def _wait(self, cond, timeout: float | None) -> bool:
         """Ticks until cond() (True), the job ended or `timeout` passed (False)."""

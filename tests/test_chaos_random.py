@@ -197,6 +197,27 @@ def test_a_signal_the_job_ignored_is_no_effect_not_a_hang(tmp_path):
     assert recovery_path(record, [], float("inf")) == "no effect"
 
 
+def test_a_fault_in_the_last_save_is_seen_by_the_resume_with_no_step_left(tmp_path):
+    # SIGTERM during the final save: the process exits, its restart resumes at the last
+    # step and exits with nothing to run, so no metrics row follows the restart.
+    job = Job(["true"], str(tmp_path), str(tmp_path / "logs"), launcher=False)
+    chaos = RandomChaos(job, [], [])
+    record = FaultRecord(2, "SIGTERM", "save", target="single", pid=1, fired=100.0,
+                         reached=1500)  # fmt: skip
+    record.restarted_at = 100.5
+    chaos.open, chaos.done = [record], True
+    chaos.recent.extend([(1499, 99.8), (1500, 99.9)])
+    resumed = {"kind": "resumed", "source": "memory"}
+    chaos.event_rows = [{**resumed, "time": 90.0, "step": 916},
+                        {**resumed, "time": 101.2, "step": 1500}]  # fmt: skip
+    chaos._update(record)
+    assert chaos.open == [record]  # no row after the restart
+    chaos._resumed_with_nothing_left(record)
+    assert chaos.open == [] and record.seen == 101.2 and record.resumed_from == 1500
+    assert record.steps_redone == 0
+    assert recovery_path(record, chaos.event_rows, float("inf")) == "warm"
+
+
 def test_a_restart_that_gets_a_pid_seen_before_counts_as_a_restart(tmp_path):
     job = Job([sys.executable, "-c", "import time; time.sleep(30)"], str(tmp_path),
               str(tmp_path / "logs"), launcher=False)  # fmt: skip

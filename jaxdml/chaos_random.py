@@ -309,14 +309,20 @@ class RandomChaos:
             for record in list(self.open):
                 self._update(record)
             for record in list(self.open):
-                self._resumed_with_nothing_left(record)
+                self._after_the_last_step(record)
         finally:
             self.job.kill()
 
-    def _resumed_with_nothing_left(self, record: FaultRecord) -> None:
-        """A fault during the run's last save: its restart resumed at the last step and
-        had no step left to run, so no row shows the recovery; its `resumed` event does."""
-        if not self.done or record.restarted_at is None:
+    def _after_the_last_step(self, record: FaultRecord) -> None:
+        """A fault that found training over (in the run's last save, or as the process
+        finished): no row follows it. With a restart, that restart resumed at the last
+        step with nothing left to run, and its `resumed` event shows the recovery;
+        without one, the process finished the job anyway: no effect, nothing redone."""
+        if not self.done or any(t > record.fired for _, t in self.recent):
+            return
+        if record.restarted_at is None:
+            record.seen, record.resumed_from = record.fired, record.reached
+            self.open.remove(record)
             return
         after = [e for e in self.event_rows
                  if e["kind"] == "resumed" and e["time"] >= record.restarted_at]  # fmt: skip

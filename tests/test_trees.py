@@ -52,13 +52,14 @@ def test_histograms_summed_over_devices_equal_the_single_device_histogram(num_de
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-def test_histogram_sums_are_exact_integers_up_to_the_quantization_bound():
+@pytest.mark.parametrize("packed", [False, True])
+def test_histogram_sums_are_exact_integers_up_to_the_quantization_bound(packed):
     # Gradients and hessians of either sign, as large as `quantize` makes them: each sum
     # over rows fits an int32 (|sum| < 2^31), so the histogram must hold it exactly.
     rng = np.random.default_rng(3)
     n, f, bins, nodes = 4096, 3, 8, 2
     edges = np.tile(np.arange(bins - 1, dtype=np.float32), (f, 1))
-    model = GBDTModel(f, 2, edges, num_trees=1, max_depth=2)
+    model = GBDTModel(f, 2, edges, num_trees=1, max_depth=2, packed_sums=packed)
     xb = rng.integers(0, bins, size=(n, f)).astype(np.uint8)
     pos = rng.integers(-1, nodes + 1, size=(n, 1)).astype(np.int32)  # -1, nodes: left out
     peak = 2**30 // n

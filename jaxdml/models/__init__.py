@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -57,6 +58,8 @@ def build_model(
             min_child_weight=m.min_child_weight,
             gamma=m.gamma,
             l2=m.tree_l2,
+            # Measured on XLA:CPU (docs/architecture.md); accelerators keep int32 pairs.
+            packed_sums=jax.default_backend() == "cpu",
         )
     raise NotImplementedError(f"config.model.name={m.name!r} is not built yet")
 

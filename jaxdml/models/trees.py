@@ -103,6 +103,9 @@ class GBDTModel:
       min_child_weight: a split needs at least this hessian sum on each side.
       gamma: a split needs a gain above this.
       l2: L2 penalty on leaf values (lambda in G^2 / (H + lambda)).
+      packed_sums: build each histogram as one scatter-add of int64 values packing
+        g * 2^32 + h (~15% faster on CPU) instead of int32 pairs; the sums, hence the
+        trees, are the same either way (`jaxdml.models.build_model`: on CPU only).
     """
 
     num_features: int
@@ -114,6 +117,7 @@ class GBDTModel:
     min_child_weight: float = 1.0
     gamma: float = 0.0
     l2: float = 1.0
+    packed_sums: bool = False
 
     def __post_init__(self):
         if self.num_features >= 2**16 or self.edges.shape[1] >= 2**15:
@@ -270,7 +274,9 @@ class GBDTModel:
         size = k * num_nodes * b
         inside = (node >= 0) & (node < num_nodes)
         base = jnp.where(inside, jnp.arange(k) * num_nodes + node, k * num_nodes) * b
-        updates = _pack(gh.reshape(-1, 2))
+        updates = gh.reshape(-1, 2)
+        if self.packed_sums and gh.dtype == jnp.int32:
+            updates = _pack(updates)
 
         def one_feature(column):
             idx = (base + column[:, None].astype(jnp.int32)).reshape(-1)
@@ -516,8 +522,6 @@ def _pack(gh: jax.Array) -> jax.Array:
     """int32 pairs [m, 2] as one int64 each, g * 2^32 + h: a sum of packed values is the
     packing of the sums while every sum fits an int32 (`quantize` bounds them by 2^30), so
     a histogram is one scalar scatter-add, not two-element windows (~15% faster on CPU)."""
-    if gh.dtype != jnp.int32:  # the float histograms of `histogram` callers
-        return gh
     with jax.enable_x64(True):
         return (gh[:, 0].astype(jnp.int64) << 32) + gh[:, 1].astype(jnp.int64)
 
@@ -525,7 +529,7 @@ def _pack(gh: jax.Array) -> jax.Array:
 def _unpack(packed: jax.Array) -> jax.Array:
     """`_pack`'s inverse on sums: h is the low 32 bits read as a signed int32 (|h| < 2^31),
     g the exact rest shifted down."""
-    if packed.ndim == 2:
+    if packed.ndim == 2:  # int32 pairs (not packed) or floats: the sums already
         return packed
     with jax.enable_x64(True):
         h = packed.astype(jnp.int32)  # the conversion keeps the low 32 bits
